@@ -1,0 +1,116 @@
+"""`personabot` — the command line (same as `python -m bot`)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from bot import logs
+from bot.config import Settings
+
+app = typer.Typer(help="A chatbot for Discord and Slack whose voice is a switchable persona.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+
+
+@app.callback()
+def _setup() -> None:
+    logs.configure(Settings().log_level)
+
+
+@app.command()
+def chat(
+    persona: Annotated[Optional[str], typer.Option(help="Switch this channel to persona P first.")] = None,
+    channel: Annotated[str, typer.Option(help="Terminal channel name; each keeps its own history.")] = "local",
+    user: Annotated[str, typer.Option(help="Your user name in the history.")] = "local",
+) -> None:
+    """Chat in the terminal. With stdin piped, reads one message a line and prints each reply."""
+    from bot.platforms.terminal import chat as terminal_chat
+
+    settings = Settings()
+    _ensure_local_model(settings)
+
+    async def main() -> None:
+        from bot.engine import Engine
+
+        engine = await Engine.create(settings)
+        try:
+            await terminal_chat(engine, persona=persona, channel=channel, user=user)
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+class Platform(str, Enum):
+    discord = "discord"
+    slack = "slack"
+
+
+@app.command()
+def run(
+    platform: Annotated[
+        Optional[list[Platform]], typer.Option(help="Start only this platform (repeatable); default: all configured.")
+    ] = None,
+) -> None:
+    """Start every platform whose credentials are set (Discord, Slack over HTTP or Socket Mode)."""
+    settings = Settings()
+    wanted = set(platform or Platform)
+    discord = Platform.discord in wanted and bool(settings.discord_token)
+    slack = Platform.slack in wanted and bool(
+        settings.slack_bot_token and (settings.slack_app_token or settings.slack_signing_secret)
+    )
+    if not (discord or slack):
+        typer.echo(
+            "No platform to start: set DISCORD_TOKEN, or SLACK_BOT_TOKEN with SLACK_SIGNING_SECRET (HTTP) or "
+            "SLACK_APP_TOKEN (Socket Mode). For a local chat, run `personabot chat`.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _ensure_local_model(settings)
+    asyncio.run(_run_platforms(settings, discord=discord, slack=slack))
+
+
+async def _run_platforms(settings: Settings, *, discord: bool, slack: bool) -> None:
+    from bot.engine import Engine
+
+    engine = await Engine.create(settings)
+    stop = asyncio.Event()
+    tasks = []
+    if discord:
+        from bot.platforms.discord_bot import run_discord
+
+        tasks.append(asyncio.create_task(run_discord(engine, settings), name="discord"))
+    if slack:
+        from bot.platforms.slack_bot import run_slack
+
+        tasks.append(asyncio.create_task(run_slack(engine, settings), name="slack"))
+    if engine.retriever is not None:
+        tasks.append(asyncio.create_task(engine.retriever.watch(stop), name="knowledge-watch"))
+    try:
+        # The first platform to stop (or crash) stops the process, so the host restarts it cleanly.
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await engine.close()
+
+
+def _ensure_local_model(settings: Settings) -> None:
+    """The default local model is fetched on first use, so `personabot chat` works on a fresh machine."""
+    if settings.backend != "local" or settings.local_model != "smollm2" or (settings.models_dir / "smollm2").exists():
+        return
+    from bot.models.pull import pull_smollm2
+
+    typer.echo("First run: fetching the local model SmolLM2-135M-Instruct (about 100 MB, once).", err=True)
+    pull_smollm2(settings.models_dir)
+
+
+def main() -> None:
+    app()

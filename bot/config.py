@@ -1,0 +1,60 @@
+"""Settings from the environment and `.env`, read once at start into one typed object.
+
+Every knob a server admin can turn is here, named exactly as the README and design promise.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    openai_api_key: str | None = Field(None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL")
+    openai_model: str = Field("gpt-4o-mini", validation_alias="PERSONABOT_OPENAI_MODEL")
+    backend_choice: Literal["openai", "local"] | None = Field(None, validation_alias="PERSONABOT_BACKEND")
+    local_model: str = Field("smollm2", validation_alias="PERSONABOT_LOCAL_MODEL")
+    embed_model: str | None = Field(None, validation_alias="PERSONABOT_EMBED_MODEL")
+    data_dir: Path = Field(Path("data"), validation_alias="PERSONABOT_DATA_DIR")
+    personas_dir: Path = Field(Path("personas"), validation_alias="PERSONABOT_PERSONAS_DIR")
+    knowledge_dir: Path = Field(Path("knowledge"), validation_alias="PERSONABOT_KNOWLEDGE_DIR")
+    default_persona: str = Field("assistant", validation_alias="PERSONABOT_DEFAULT_PERSONA")
+    admins: Annotated[frozenset[str], NoDecode] = Field(frozenset(), validation_alias="PERSONABOT_ADMINS")
+    daily_token_budget: int | None = Field(None, validation_alias="PERSONABOT_DAILY_TOKEN_BUDGET")
+    model_timeout: float = Field(60.0, validation_alias="PERSONABOT_MODEL_TIMEOUT")
+    log_level: str = Field("WARNING", validation_alias="PERSONABOT_LOG_LEVEL")
+
+    discord_token: str | None = Field(None, validation_alias="DISCORD_TOKEN")
+    slack_bot_token: str | None = Field(None, validation_alias="SLACK_BOT_TOKEN")
+    slack_signing_secret: str | None = Field(None, validation_alias="SLACK_SIGNING_SECRET")
+    slack_app_token: str | None = Field(None, validation_alias="SLACK_APP_TOKEN")
+    slack_api_url: str | None = Field(None, validation_alias="SLACK_API_URL")
+    port: int = Field(8000, validation_alias=AliasChoices("PORT"))
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _split_admins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.replace(";", ",").split(",") if part.strip())
+        return value
+
+    @property
+    def backend(self) -> Literal["openai", "local"]:
+        if self.backend_choice:
+            return self.backend_choice
+        return "openai" if self.openai_api_key else "local"
+
+    @cached_property
+    def db_path(self) -> Path:
+        return self.data_dir / "personabot.sqlite3"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"

@@ -1,0 +1,263 @@
+"""The conversation engine: the one path every message takes, whatever platform it came from.
+
+Adapters translate platform events into `Incoming` and render the text this yields; everything that decides
+what the bot says (persona, history window, knowledge, model, budgets, notices) happens here, so the
+terminal, Discord and Slack answer the same history the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bot.config import Settings
+from bot.conversation import ConvKey, Incoming
+from bot.history import HistoryStore
+from bot.models.base import ChatModel, ContextLengthError, GenParams, Message, ModelError
+from bot.models.registry import ModelRegistry
+from bot.personas import Persona, PersonaLibrary, UnknownPersona
+
+if TYPE_CHECKING:
+    from bot.retrieval import Hit, Retriever
+
+log = logging.getLogger(__name__)
+
+CUT_OFF_NOTICE = "\n\n_(reply cut off: it reached the length limit)_"
+CONTENT_FILTER_NOTICE = "Sorry, I can't help with that one. The model's content filter stopped the reply."
+BUDGET_NOTICE = (
+    "This channel has used its daily token budget ({budget:,} tokens). "
+    "I'll be back tomorrow (UTC), or an admin can raise PERSONABOT_DAILY_TOKEN_BUDGET."
+)
+ERROR_NOTICE = "Sorry, I couldn't answer that: {error}"
+SHORT_QUERY_WORDS = 6
+
+
+class NotAdmin(PermissionError):
+    """Raised with a message fit to show the user; nothing was changed."""
+
+
+class KnowledgeDisabled(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        personas: PersonaLibrary,
+        history: HistoryStore,
+        models: ModelRegistry,
+        retriever: "Retriever | None" = None,
+    ):
+        self.settings = settings
+        self.personas = personas
+        self.history = history
+        self.models = models
+        self.retriever = retriever
+        self._turns: dict[ConvKey, tuple[asyncio.Lock, int]] = {}
+        self._prefix_tokens: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    async def create(cls, settings: Settings, *, knowledge: bool = True) -> "Engine":
+        history = await HistoryStore.open(settings.db_path)
+        retriever = None
+        if knowledge:
+            from bot.retrieval import Retriever
+
+            retriever = await Retriever.open(settings)
+        return cls(settings, PersonaLibrary(settings.personas_dir), history, ModelRegistry(settings), retriever)
+
+    async def close(self) -> None:
+        if self.retriever is not None:
+            await self.retriever.close()
+        await self.history.close()
+
+    # -- the reply path ------------------------------------------------------------------------------
+
+    async def reply(self, incoming: Incoming, *, use_history: bool = True) -> AsyncIterator[str]:
+        """Stream the active persona's answer to `incoming`, after every earlier message in its conversation."""
+        async with self._turn(incoming.key):
+            async for piece in self._reply(incoming, use_history):
+                yield piece
+
+    @asynccontextmanager
+    async def _turn(self, key: ConvKey):
+        # asyncio.Lock wakes waiters first-in first-out, which is exactly arrival order per conversation.
+        lock, users = self._turns.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._turns[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[key]
+            if users == 1:
+                del self._turns[key]
+            else:
+                self._turns[key] = (lock, users - 1)
+
+    async def _reply(self, incoming: Incoming, use_history: bool) -> AsyncIterator[str]:
+        key = incoming.key
+        persona = await self.active_persona(key)
+        budget = self.settings.daily_token_budget
+        if budget and await self.history.tokens_today(key) >= budget:
+            yield BUDGET_NOTICE.format(budget=budget)
+            return
+
+        model = await self.models.get(persona.model)
+        params = persona.gen_params(GenParams())
+        user: Message = {"role": "user", "content": incoming.text}
+        user_tokens = model.count_tokens([user])
+        history = await self.history.window(key, self._history_budget(model, persona, params, user_tokens)) if use_history else []
+
+        prefix = persona.prefix()
+        grounding = None
+        if persona.knowledge and self.retriever is not None:
+            grounding = await self.retriever.ground(_retrieval_query(incoming.text, history), persona.knowledge)
+            if grounding is not None:
+                prefix[0] = {"role": "system", "content": f"{prefix[0]['content']}\n\n{grounding.system_block}"}
+
+        # The user's turn is stored before the model is called, so a failure never loses what they said.
+        await self.history.append(key, "user", incoming.text, author=incoming.user_id, persona=persona.name, tokens=user_tokens)
+
+        text: list[str] = []
+        finish, usage = None, None
+        messages = prefix + history + [user]
+        for attempt in (1, 2):
+            try:
+                async for chunk in model.stream(messages, params):
+                    if chunk.text:
+                        text.append(chunk.text)
+                        yield chunk.text
+                    if chunk.finish_reason:
+                        finish, usage = chunk.finish_reason, chunk.usage
+                break
+            except ContextLengthError as exc:
+                if attempt == 2 or text:
+                    yield ERROR_NOTICE.format(error=exc)
+                    return
+                # Our token count disagreed with the server's: keep only the newest half of the history.
+                log.warning("context length exceeded; retrying with half the history", extra={"key": str(key)})
+                messages = prefix + _newest_half(history) + [user]
+            except ModelError as exc:
+                log.warning("model failed: %s", exc)
+                yield ("\n\n" if text else "") + ERROR_NOTICE.format(error=exc)
+                return
+
+        if finish == "content_filter" and not text:
+            yield CONTENT_FILTER_NOTICE
+        reply = "".join(text)
+        if reply:
+            await self.history.append(
+                key, "assistant", reply, author="bot", persona=persona.name,
+                tokens=model.count_tokens([{"role": "assistant", "content": reply}]),
+                finish_reason=finish,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+            )
+        if finish == "length":
+            yield CUT_OFF_NOTICE
+        if grounding is not None and grounding.sources_footer and reply:
+            yield f"\n\n{grounding.sources_footer}"
+
+    def _history_budget(self, model: ChatModel, persona: Persona, params: GenParams, user_tokens: int) -> int:
+        cache_key = (model.name, persona.system + repr(persona.examples))
+        if cache_key not in self._prefix_tokens:
+            self._prefix_tokens[cache_key] = model.count_tokens(persona.prefix())
+        return model.context_window - params.max_tokens - self._prefix_tokens[cache_key] - user_tokens
+
+    # -- channel state -------------------------------------------------------------------------------
+
+    async def active_persona(self, key: ConvKey) -> Persona:
+        name = await self.history.get_persona(key.channel_key) or self.settings.default_persona
+        try:
+            return self.personas.get(name)
+        except UnknownPersona:
+            log.warning("persona %r is gone; using the default", name)
+            return self.personas.get(self.settings.default_persona)
+
+    async def channel_enabled(self, key: ConvKey) -> bool:
+        return await self.history.get_setting(key.channel_key, "enabled") == "1"
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        """True for ids listed in PERSONABOT_ADMINS, bare or prefixed with the platform (`discord:123`)."""
+        return user_id in self.settings.admins or f"{platform}:{user_id}" in self.settings.admins
+
+    # -- admin actions -------------------------------------------------------------------------------
+
+    def _require_admin(self, incoming: Incoming, action: str) -> None:
+        if not incoming.is_admin:
+            raise NotAdmin(
+                f"Only admins can {action}. Admins are people with Manage Server (Discord) or workspace "
+                "admins and owners (Slack), plus anyone listed in PERSONABOT_ADMINS. Nothing was changed."
+            )
+
+    async def _audit(self, incoming: Incoming, action: str, detail: str = "") -> None:
+        await self.history.audit(incoming.key, incoming.user_id, action, detail)
+
+    async def set_persona(self, incoming: Incoming, name: str) -> Persona:
+        self._require_admin(incoming, "switch personas")
+        persona = self.personas.get(name)
+        await self.history.set_persona(incoming.key.channel_key, persona.name)
+        # A new voice gets a clean slate: the old persona's turns would drag it back into character.
+        await self.history.reset(incoming.key.channel_key)
+        if incoming.key.thread:
+            await self.history.reset(incoming.key)
+        await self._audit(incoming, "set_persona", persona.name)
+        return persona
+
+    async def reset(self, incoming: Incoming) -> None:
+        if not incoming.is_private:
+            self._require_admin(incoming, "reset a shared channel's context")
+        await self.history.reset(incoming.key)
+        await self._audit(incoming, "reset")
+
+    async def save_persona(self, incoming: Incoming, persona: Persona) -> Path:
+        self._require_admin(incoming, "create or edit personas")
+        existed = persona.name in self.personas.names()
+        path = self.personas.save(persona)
+        await self._audit(incoming, "edit_persona" if existed else "create_persona", persona.name)
+        return path
+
+    async def set_channel_enabled(self, incoming: Incoming, enabled: bool) -> None:
+        self._require_admin(incoming, "enable or disable the bot in a channel")
+        await self.history.set_setting(incoming.key.channel_key, "enabled", "1" if enabled else None)
+        await self._audit(incoming, "enable_channel" if enabled else "disable_channel")
+
+    # -- knowledge -----------------------------------------------------------------------------------
+
+    def _require_knowledge(self) -> "Retriever":
+        if self.retriever is None:
+            raise KnowledgeDisabled("Knowledge is not enabled on this bot.")
+        return self.retriever
+
+    async def add_knowledge(self, incoming: Incoming, filename: str, data: bytes, collection: str | None = None) -> str:
+        self._require_admin(incoming, "add knowledge")
+        retriever = self._require_knowledge()
+        if collection is None:
+            persona = await self.active_persona(incoming.key)
+            collection = persona.knowledge[0] if persona.knowledge else "general"
+        report = await retriever.add_upload(filename, data, collection)
+        await self._audit(incoming, "add_knowledge", f"{collection}/{filename}")
+        return report
+
+    async def search_knowledge(self, query: str, key: ConvKey, k: int = 5) -> list["Hit"]:
+        retriever = self._require_knowledge()
+        persona = await self.active_persona(key)
+        return await retriever.search(query, persona.knowledge or None, k)
+
+
+def _newest_half(history: list[Message]) -> list[Message]:
+    half = history[len(history) // 2 :]
+    return half[1:] if half and half[0]["role"] == "assistant" else half
+
+
+def _retrieval_query(text: str, history: list[Message]) -> str:
+    """A follow-up like "and in 2019?" means nothing alone, so short turns borrow the previous user turn."""
+    if len(text.split()) >= SHORT_QUERY_WORDS:
+        return text
+    previous = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
+    return f"{previous}\n{text}".strip()

@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+# Tests never reach a model hub: everything they load is built locally or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from bot.config import Settings
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Settings isolated in a temporary data dir, with the shipped personas and nothing from the host's env."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET",
+                 "SLACK_APP_TOKEN", "PERSONABOT_ADMINS", "PERSONABOT_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return Settings(_env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge")
