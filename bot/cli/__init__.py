@@ -112,5 +112,10 @@ def _ensure_local_model(settings: Settings) -> None:
     pull_smollm2(settings.models_dir)
 
 
+from bot.cli import personas  # noqa: E402  (sub-apps register after the root app exists)
+
+app.add_typer(personas.app, name="personas", help="List, show, validate and import personas.")
+
+
 def main() -> None:
     app()
