@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     default_persona: str = Field("assistant", validation_alias="PERSONABOT_DEFAULT_PERSONA")
     admins: Annotated[frozenset[str], NoDecode] = Field(frozenset(), validation_alias="PERSONABOT_ADMINS")
     daily_token_budget: int | None = Field(None, validation_alias="PERSONABOT_DAILY_TOKEN_BUDGET")
+    max_context_tokens: int = Field(32_000, validation_alias="PERSONABOT_MAX_CONTEXT_TOKENS")
     model_timeout: float = Field(60.0, validation_alias="PERSONABOT_MODEL_TIMEOUT")
     log_level: str = Field("WARNING", validation_alias="PERSONABOT_LOG_LEVEL")
 

@@ -73,6 +73,7 @@ class Engine:
     async def close(self) -> None:
         if self.retriever is not None:
             await self.retriever.close()
+        await self.models.close()
         await self.history.close()
 
     # -- the reply path ------------------------------------------------------------------------------
@@ -167,7 +168,9 @@ class Engine:
         cache_key = (model.name, persona.system + repr(persona.examples))
         if cache_key not in self._prefix_tokens:
             self._prefix_tokens[cache_key] = model.count_tokens(persona.prefix())
-        return model.context_window - params.max_tokens - self._prefix_tokens[cache_key] - user_tokens
+        # Million-token windows exist; resending that much history on every message would cost a fortune.
+        window = min(model.context_window, self.settings.max_context_tokens)
+        return window - params.max_tokens - self._prefix_tokens[cache_key] - user_tokens
 
     # -- channel state -------------------------------------------------------------------------------
 

@@ -112,9 +112,10 @@ def _ensure_local_model(settings: Settings) -> None:
     pull_smollm2(settings.models_dir)
 
 
-from bot.cli import personas  # noqa: E402  (sub-apps register after the root app exists)
+from bot.cli import models, personas  # noqa: E402  (sub-apps register after the root app exists)
 
 app.add_typer(personas.app, name="personas", help="List, show, validate and import personas.")
+app.add_typer(models.app, name="models", help="Fetch and list local models.")
 
 
 def main() -> None:

@@ -44,6 +44,13 @@ class ModelRegistry:
                 self._models[identity] = await self._load(*identity)
             return self._models[identity]
 
+    async def close(self) -> None:
+        for model in self._models.values():
+            if aclose := getattr(model, "aclose", None):
+                await aclose()
+            elif close := getattr(model, "close", None):
+                await asyncio.to_thread(close)
+
     async def _load(self, backend: str, source: str, window: int | None) -> ChatModel:
         if backend == "openai":
             from bot.models.openai import OpenAIChatModel
@@ -58,4 +65,4 @@ class ModelRegistry:
             )
         from bot.models.local import LocalChatModel
 
-        return await asyncio.to_thread(LocalChatModel.load, source, self.settings.models_dir)
+        return await asyncio.to_thread(LocalChatModel.load, source, self.settings.models_dir, context_window=window)

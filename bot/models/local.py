@@ -1,0 +1,138 @@
+"""Local transformers models (SmolLM2, GPT-2 fine-tunes, any causal LM) behind the `ChatModel` interface.
+
+Loading accepts what a server admin is likely to have: a name under `<data dir>/models/` (what
+`personabot models pull` and `personabot finetune` write), a model folder, a `.gguf` file, or a Hugging Face
+Hub id. Generation runs in one worker thread per model with continuous batching (`bot.models.batching`), so
+the event loop never waits on torch and many channels share the model at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bot.models import chat_format
+from bot.models.base import Chunk, ContextLengthError, GenParams, Message, ModelError
+from bot.models.batching import BatchWorker, Request, TextStream
+
+log = logging.getLogger(__name__)
+
+PULL_HINT = ("Run `personabot models pull smollm2` to download the default local model, or set "
+             "PERSONABOT_LOCAL_MODEL to a model folder or .gguf file.")
+
+
+class LocalChatModel:
+    """A causal LM from transformers, served to many conversations at once."""
+
+    def __init__(self, name: str, model, tokenizer, *, context_window: int | None = None, max_batch: int = 8,
+                 max_waiting: int = 32):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        native = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+                     or tokenizer.model_max_length)
+        # A persona may ask for less context than the model was trained with (faster, less memory), never more.
+        self.context_window = min(native, context_window or native)
+        self.uses_chat_template = bool(tokenizer.chat_template)
+        eos = tokenizer.eos_token or chat_format.DEFAULT_END_OF_TURN
+        self._end_of_turn = eos
+        self._stops: tuple[str, ...] = () if self.uses_chat_template else tuple(
+            "\n" + header.rstrip("\n") for header in chat_format.ROLE_HEADER.values())
+        self._specials = [t for t in tokenizer.all_special_tokens if t]
+        self.worker = BatchWorker(model, _stop_ids(model, tokenizer), self.context_window,
+                                  max_batch=max_batch, max_waiting=max_waiting)
+
+    @classmethod
+    def load(cls, source: str, models_dir: Path, **kwargs) -> LocalChatModel:
+        """Load `source`: a name under `models_dir`, a model folder, a `.gguf` file, or a Hub id."""
+        if not source.strip():
+            raise ModelError(f"No local model named. {PULL_HINT}")
+        _limit_threads()
+        path = Path(source).expanduser()
+        named = Path(models_dir) / source
+        if source and "/" not in source and os.sep not in source and named.is_dir():
+            folder, options = named, {}
+        elif path.is_dir():
+            folder, options = path, {}
+        elif path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise ModelError(f"No GGUF file at {path}. {PULL_HINT}")
+            folder, options = path.parent, {"gguf_file": path.name}
+        elif path.is_absolute() or source.startswith((".", "~")) or path.exists():
+            raise ModelError(f"No model folder at {path}. {PULL_HINT}")
+        else:
+            folder, options = source, {}  # a Hub id: works for users who can reach the Hub
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "auto" if device == "cuda" else torch.float32
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options).to(device)
+        except (OSError, ValueError, ImportError) as exc:
+            where = f"{folder}" if isinstance(folder, Path) else f"'{source}' (not under {models_dir}, not a file)"
+            raise ModelError(f"Could not load the local model {where}: {exc}. {PULL_HINT}") from exc
+        log.info("loaded local model %s on %s", source, device)
+        return cls(source, model, tokenizer, **kwargs)
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The token ids the model sees: its own chat template when it has one, else personabot's chat format."""
+        clean = [{"role": m["role"], "content": self._strip_specials(m["content"])} for m in messages]
+        if self.uses_chat_template:
+            text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        else:
+            text = chat_format.render(clean, end_of_turn=self._end_of_turn)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.prompt_ids(messages))
+
+    async def stream(self, messages: list[Message], params: GenParams) -> AsyncIterator[Chunk]:
+        ids = self.prompt_ids(messages)
+        if len(ids) >= self.context_window:
+            raise ContextLengthError(
+                f"The conversation is {len(ids)} tokens; {self.name} holds {self.context_window}.")
+        request = Request(
+            prompt_ids=ids, params=params, max_new_tokens=max(1, params.max_tokens),
+            text=TextStream(self.tokenizer, tuple(params.stop) + self._stops), loop=asyncio.get_running_loop())
+        self.worker.submit(request)
+        try:
+            while True:
+                item = await request.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            request.cancelled = True  # a reader that stops listening frees its place in the batch
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def _strip_specials(self, text: str) -> str:
+        """Users typing `<|im_end|>` must not be able to end their turn and speak as the assistant."""
+        for token in self._specials:
+            text = text.replace(token, "")
+        return text
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+def _limit_threads() -> None:
+    """torch defaults to one thread per core it sees, not per core this process may use (containers)."""
+    if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
