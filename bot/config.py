@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), validation_alias="PERSONABOT_DATA_DIR")
     personas_dir: Path = Field(Path("personas"), validation_alias="PERSONABOT_PERSONAS_DIR")
     knowledge_dir: Path = Field(Path("knowledge"), validation_alias="PERSONABOT_KNOWLEDGE_DIR")
+    knowledge_max_upload_mb: float = Field(10.0, gt=0, validation_alias="PERSONABOT_KNOWLEDGE_MAX_UPLOAD_MB")
     default_persona: str = Field("assistant", validation_alias="PERSONABOT_DEFAULT_PERSONA")
     admins: Annotated[frozenset[str], NoDecode] = Field(frozenset(), validation_alias="PERSONABOT_ADMINS")
     daily_token_budget: int | None = Field(None, validation_alias="PERSONABOT_DAILY_TOKEN_BUDGET")

@@ -112,11 +112,16 @@ class Engine:
         params = persona.gen_params(GenParams())
         user: Message = {"role": "user", "content": incoming.text}
         user_tokens = model.count_tokens([user])
-        history = await self.history.window(key, self._history_budget(model, persona, params, user_tokens)) if use_history else []
+        grounded = bool(persona.knowledge) and self.retriever is not None
+        budget_tokens = self._history_budget(model, persona, params, user_tokens)
+        if grounded:
+            # The passages go into the system message, so history gives up the room they may take.
+            budget_tokens -= self.retriever.budget_tokens
+        history = await self.history.window(key, budget_tokens) if use_history else []
 
         prefix = persona.prefix()
         grounding = None
-        if persona.knowledge and self.retriever is not None:
+        if grounded:
             grounding = await self.retriever.ground(_retrieval_query(incoming.text, history), persona.knowledge)
             if grounding is not None:
                 prefix[0] = {"role": "system", "content": f"{prefix[0]['content']}\n\n{grounding.system_block}"}

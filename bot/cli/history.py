@@ -1,0 +1,98 @@
+"""`personabot history export` and `personabot usage`: the stored conversations and what they cost."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from bot.config import Settings
+from bot.history import HistoryStore
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write; `-` for stdout.")],
+    platform: Annotated[Optional[str], typer.Option(help="Only this platform (discord, slack, terminal).")] = None,
+    channel: Annotated[Optional[str], typer.Option(help="Only this channel id.")] = None,
+) -> None:
+    """Write stored conversations as OpenAI chat fine-tuning JSONL (what `finetune --data` reads)."""
+    db_path = _existing_db()
+    if str(out) == "-":
+        count = asyncio.run(_export(db_path, sys.stdout, platform, channel))
+        typer.echo(f"Wrote {count} conversations.", err=True)
+        return
+    # Written beside the target and renamed at the end, so a failure never leaves half a file behind.
+    partial = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with partial.open("w", encoding="utf-8") as f:
+            count = asyncio.run(_export(db_path, f, platform, channel))
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    typer.echo(f"Wrote {count} conversations to {out}.")
+
+
+async def _export(db_path: Path, f, platform: str | None, channel: str | None) -> int:  # type: ignore[no-untyped-def]
+    store = await HistoryStore.open(db_path)
+    count = 0
+    try:
+        with tqdm(desc="conversations", unit="conv", disable=None, file=sys.stderr) as progress:
+            async for conversation in store.export(platform=platform, channel=channel):
+                f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
+                count += 1
+                progress.update()
+    finally:
+        await store.close()
+    return count
+
+
+def usage(
+    since: Annotated[Optional[str], typer.Option(help="First UTC day to include, as YYYY-MM-DD.")] = None,
+) -> None:
+    """Tokens spent by platform, channel, persona and day (from the usage the models reported)."""
+    try:
+        first_day = date.fromisoformat(since) if since else None
+    except ValueError:
+        raise typer.BadParameter(f"{since!r} is not a date; use YYYY-MM-DD, e.g. 2025-01-31", param_hint="--since")
+    rows = asyncio.run(_usage(_existing_db(), first_day))
+    if not rows:
+        typer.echo("No token usage recorded" + (f" since {first_day}." if first_day else "."))
+        return
+    header = ("day", "platform", "channel", "persona", "prompt", "completion", "total")
+    table = [header] + [
+        (r["day"], r["platform"], f"{r['workspace']}/{r['channel']}" if r["workspace"] else r["channel"],
+         r["persona"] or "-", f"{r['prompt_tokens']:,}", f"{r['completion_tokens']:,}", f"{r['total']:,}")
+        for r in rows
+    ]
+    table.append(("total", "", "", "", f"{sum(r['prompt_tokens'] for r in rows):,}",
+                  f"{sum(r['completion_tokens'] for r in rows):,}", f"{sum(r['total'] for r in rows):,}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        typer.echo("  ".join(cells).rstrip())
+
+
+async def _usage(db_path: Path, since: date | None) -> list[dict]:
+    store = await HistoryStore.open(db_path)
+    try:
+        return await store.usage(since)
+    finally:
+        await store.close()
+
+
+def _existing_db() -> Path:
+    db_path = Settings().db_path
+    if not db_path.exists():
+        typer.echo(f"No history yet: {db_path} does not exist (check PERSONABOT_DATA_DIR).", err=True)
+        raise typer.Exit(1)
+    return db_path

@@ -1,0 +1,437 @@
+"""Conversation history in one plain SQLite file a user can open with `sqlite3` and read.
+
+Every message the bot answers costs a handful of store calls, so the hot path is shaped for throughput:
+- appends are group-committed: callers enqueue, one writer task commits everything pending in a single
+  transaction, and each caller returns only once its row is committed (durable, and in arrival order);
+- reads run on a second connection (WAL lets them proceed while the writer commits);
+- a channel's persona and settings and each conversation's context number are cached write-through, so a
+  message's only read is the window query itself, one backwards range scan of an index.
+The caches assume this process is the only writer, which is how the bot runs; the CLI only reads.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from bisect import bisect_right
+from itertools import accumulate, groupby, islice
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from bot.conversation import ConvKey
+from bot.history_cache import MISSING, Conversation, Recent, RecentTurns
+from bot.migrations import migrate
+from bot.models.base import Message
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+# A window never reaches back further than this many turns, so one message's read is bounded however long
+# a channel has been talking; at typical turn sizes the token budget runs out well before it.
+MAX_TURNS = 200
+# Recent turns kept in memory for the window, across all conversations (a few tens of MB at most).
+CACHED_CHARS = 16_000_000
+
+INSERT_MESSAGE = (
+    "INSERT INTO messages (platform, workspace, channel, thread, context, role, author, content, persona, tokens,"
+    " prompt_tokens, completion_tokens, finish_reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+KEY = "platform = ? AND workspace = ? AND channel = ?"
+
+
+class HistoryError(RuntimeError):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _key(key: ConvKey) -> tuple[str, str, str, str]:
+    return (key.platform, key.workspace, key.channel, key.thread)
+
+
+def _channel(key: ConvKey) -> tuple[str, str, str]:
+    return (key.platform, key.workspace, key.channel)
+
+
+@dataclass
+class _Write:
+    sql: str
+    params: tuple
+    done: asyncio.Future
+    key: ConvKey | None = None  # set for messages: the turn joins the cached window once committed
+
+
+class HistoryStore:
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._db = writer
+        self._read = reader
+        self._pending: list[_Write] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._admitting = 0
+        self._contexts = Recent()
+        self._personas = Recent()
+        self._settings = Recent()
+        self._spent = Recent()  # channel -> (UTC day, tokens spent that day)
+        self._turns = RecentTurns(MAX_TURNS, CACHED_CHARS)
+        # Held while a batch commits and updates the caches, and while a cache is filled from disk, so a fill
+        # never misses a turn committed during its read.
+        self._sync = asyncio.Lock()
+        self._writer = asyncio.create_task(self._write_loop(), name="history-writer")
+
+    @classmethod
+    async def open(cls, path: str | Path) -> "HistoryStore":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_prepare, path)
+        writer = await _connect(path)
+        reader = await _connect(path)
+        await reader.execute("PRAGMA query_only = ON")
+        return cls(path, writer, reader)
+
+    async def close(self) -> None:
+        """Commit whatever is still queued, then close; appends after this raise `HistoryError`."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        await self._writer
+        await self._db.execute("PRAGMA optimize")
+        await self._db.close()
+        await self._read.close()
+
+    # -- messages ------------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        key: ConvKey,
+        role: str,
+        content: str,
+        *,
+        author: str = "",
+        persona: str = "",
+        tokens: int = 0,
+        finish_reason: str | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> int:
+        """Store one turn in the conversation's current context; returns its id once committed."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if not isinstance(content, str):
+            raise TypeError(f"content must be text, not {type(content).__name__}")
+        if min(tokens, prompt_tokens, completion_tokens) < 0:
+            raise ValueError("token counts cannot be negative")
+        with self._admitted():
+            context = await self._context(key)
+            now = _now()
+            params = (*_key(key), context, role, author, content, persona, tokens, prompt_tokens, completion_tokens,
+                      finish_reason, now)
+            done = self._enqueue(INSERT_MESSAGE, params, key)
+        return await done
+
+    async def window(self, key: ConvKey, budget_tokens: int, counter: Callable[[Message], int] | None = None) -> list[Message]:
+        """The newest turns of the current context whose tokens fit `budget_tokens`, oldest first.
+
+        Stored token counts are used as-is; `counter` only prices turns stored without one.
+        """
+        if budget_tokens <= 0:
+            return []
+        context = await self._context(key)
+        conversation = self._turns.get(key, context) or await self._load_turns(key, context)
+        newest = conversation.turns.copy()
+        newest.reverse()
+        costs = [turn[3] for turn in newest]
+        if counter is not None and 0 in costs:
+            costs = [cost or counter({"role": role, "content": content}) for _, role, content, cost in newest]  # type: ignore[typeddict-item]
+        fits = bisect_right(list(accumulate(costs)), budget_tokens)
+        turns: list[Message] = [{"role": role, "content": content} for _, role, content, _ in reversed(list(islice(newest, fits)))]  # type: ignore[misc]
+        cut = fits < len(newest) or not conversation.whole
+        # A reply whose question fell outside the window reads as the bot talking to itself.
+        while cut and turns and turns[0]["role"] == "assistant":
+            turns.pop(0)
+        return turns
+
+    async def reset(self, key: ConvKey) -> None:
+        """Start a fresh context for this conversation; earlier turns stay on disk for export and audit."""
+        with self._admitted():
+            context = await self._context(key) + 1
+            self._contexts.put(key, context)
+            done = self._enqueue(
+                "INSERT INTO contexts (platform, workspace, channel, thread, context, reset_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET context = excluded.context, reset_at = excluded.reset_at",
+                (*_key(key), context, _now()),
+            )
+        try:
+            await done
+        except BaseException:
+            self._contexts.forget(key)
+            raise
+
+    async def _load_turns(self, key: ConvKey, context: int) -> Conversation:
+        async with self._sync:
+            if (conversation := self._turns.get(key, context)) is not None:
+                return conversation
+            rows = await self._read.execute_fetchall(
+                f"SELECT id, role, content, tokens FROM messages WHERE {KEY} AND thread = ? AND context = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (*_key(key), context, MAX_TURNS),
+            )
+            return self._turns.put(key, context, [tuple(row) for row in reversed(rows)])  # type: ignore[misc]
+
+    async def _context(self, key: ConvKey) -> int:
+        context = self._contexts.get(key)
+        if context is MISSING:
+            rows = await self._read.execute_fetchall(f"SELECT context FROM contexts WHERE {KEY} AND thread = ?", _key(key))
+            context = self._contexts.fill(key, rows[0][0] if rows else 0)
+        return context
+
+    # -- channels ------------------------------------------------------------------------------------
+
+    async def get_persona(self, key: ConvKey) -> str | None:
+        channel = key.channel_key
+        persona = self._personas.get(channel)
+        if persona is MISSING:
+            rows = await self._read.execute_fetchall(f"SELECT persona FROM channels WHERE {KEY}", _channel(channel))
+            persona = self._personas.fill(channel, rows[0][0] if rows else None)
+        return persona
+
+    async def set_persona(self, key: ConvKey, name: str) -> None:
+        channel = key.channel_key
+        self._personas.put(channel, name)
+        try:
+            await self._write(
+                "INSERT INTO channels (platform, workspace, channel, persona, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET persona = excluded.persona, updated_at = excluded.updated_at",
+                (*_channel(channel), name, _now()),
+            )
+        except BaseException:
+            self._personas.forget(channel)
+            raise
+
+    async def get_setting(self, key: ConvKey, name: str) -> str | None:
+        cache_key = (key.channel_key, name)
+        value = self._settings.get(cache_key)
+        if value is MISSING:
+            rows = await self._read.execute_fetchall(
+                f"SELECT value FROM channel_settings WHERE {KEY} AND name = ?", (*_channel(key), name)
+            )
+            value = self._settings.fill(cache_key, rows[0][0] if rows else None)
+        return value
+
+    async def set_setting(self, key: ConvKey, name: str, value: str | None) -> None:
+        """Set a per-channel flag; `None` removes it."""
+        cache_key = (key.channel_key, name)
+        self._settings.put(cache_key, value)
+        try:
+            if value is None:
+                await self._write(f"DELETE FROM channel_settings WHERE {KEY} AND name = ?", (*_channel(key), name))
+            else:
+                await self._write(
+                    "INSERT INTO channel_settings (platform, workspace, channel, name, value) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO UPDATE SET value = excluded.value",
+                    (*_channel(key), name, str(value)),
+                )
+        except BaseException:
+            self._settings.forget(cache_key)
+            raise
+
+    async def audit(self, key: ConvKey, user_id: str, action: str, detail: str = "") -> None:
+        await self._write(
+            "INSERT INTO audit (time, platform, workspace, channel, thread, user_id, action, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (_now(), *_key(key), user_id, action, detail),
+        )
+
+    # -- reporting -----------------------------------------------------------------------------------
+
+    async def tokens_today(self, key: ConvKey) -> int:
+        """Prompt plus completion tokens the channel (all its threads) has spent since midnight UTC."""
+        channel, today = key.channel_key, _now()[:10]
+        cached = self._spent.get(channel)
+        if cached is not MISSING and cached[0] == today:
+            return cached[1]
+        async with self._sync:
+            rows = await self._read.execute_fetchall(
+                f"SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM messages WHERE {KEY}"
+                " AND created_at >= ? AND prompt_tokens + completion_tokens > 0",
+                (*_channel(channel), today),
+            )
+            self._spent.put(channel, (today, rows[0][0]))
+            return rows[0][0]
+
+    async def usage(self, since: date | None = None) -> list[dict]:
+        """Tokens by platform, channel, persona and UTC day, oldest day first."""
+        rows = await self._read.execute_fetchall(
+            "SELECT platform, workspace, channel, persona, substr(created_at, 1, 10) AS day,"
+            " sum(prompt_tokens), sum(completion_tokens) FROM messages"
+            " WHERE prompt_tokens + completion_tokens > 0 AND created_at >= ?"
+            " GROUP BY platform, workspace, channel, persona, day ORDER BY day, platform, workspace, channel, persona",
+            ((since or date.min).isoformat(),),
+        )
+        return [
+            {"platform": p, "workspace": w, "channel": c, "persona": persona, "day": day,
+             "prompt_tokens": prompt, "completion_tokens": completion, "total": prompt + completion}
+            for p, w, c, persona, day, prompt, completion in rows
+        ]
+
+    async def export(self, platform: str | None = None, channel: str | None = None) -> AsyncIterator[dict]:
+        """Each stored conversation (one context of one key) that the bot answered, as `{"messages": [...]}`.
+
+        That is the OpenAI chat fine-tuning format; turns after the last reply are left out because a
+        trainer learns only from assistant turns.
+        """
+        where, params = [], []
+        if platform is not None:
+            where.append("platform = ?")
+            params.append(platform)
+        if channel is not None:
+            where.append("channel = ?")
+            params.append(channel)
+        sql = (
+            "SELECT platform, workspace, channel, thread, context, role, content FROM messages"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY platform, workspace, channel, thread, context, id"
+        )
+        async with self._read.execute(sql, params) as cursor:
+            cursor.arraysize = 1000
+            conversation: tuple | None = None
+            turns: list[Message] = []
+            async for *conv, role, content in cursor:
+                if tuple(conv) != conversation:
+                    if answered := _answered(turns):
+                        yield {"messages": answered}
+                    conversation, turns = tuple(conv), []
+                turns.append({"role": role, "content": content})
+            if answered := _answered(turns):
+                yield {"messages": answered}
+
+    # -- the writer ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Writes that began before `close()` are still committed, even if they were awaiting a read."""
+        if self._closing:
+            raise HistoryError("the history store is closed")
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+            self._wake.set()
+
+    def _enqueue(self, sql: str, params: tuple, key: ConvKey | None = None) -> asyncio.Future:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write(sql, params, done, key))
+        self._wake.set()
+        return done
+
+    async def _write(self, sql: str, params: tuple) -> Any:
+        with self._admitted():
+            done = self._enqueue(sql, params)
+        return await done
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing and not self._admitting:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._pending = self._pending, []
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Write]) -> None:
+        """Commit a batch in one transaction; if it fails, retry one by one so a bad write fails alone."""
+        results: list[Any] = [None] * len(batch)
+        try:
+            async with self._sync:
+                await self._commit_in_one(batch, results)
+        except sqlite3.Error as exc:
+            if len(batch) > 1:
+                for write in batch:
+                    await self._commit([write])
+                return
+            log.error("history write failed: %s", exc)
+            _settle(batch[0].done, exc=HistoryError(f"could not save to {self.path}: {exc}"))
+            return
+        except Exception as exc:  # a bug or a closed connection: every waiter must hear about it
+            log.exception("history writer failed")
+            for write in batch:
+                _settle(write.done, exc=exc)
+            return
+        for write, result in zip(batch, results):
+            _settle(write.done, result)
+
+    async def _commit_in_one(self, batch: list[_Write], results: list[Any]) -> None:
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, group in groupby(enumerate(batch), key=lambda item: item[1].sql):
+                group = list(group)
+                await self._db.executemany(sql, [write.params for _, write in group])
+                if sql == INSERT_MESSAGE:
+                    # We hold the write lock, so the rows just inserted took consecutive rowids.
+                    (last,), = await self._db.execute_fetchall("SELECT last_insert_rowid()")
+                    for n, (i, _) in enumerate(group):
+                        results[i] = last - len(group) + 1 + n
+            await self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                await self._db.execute("ROLLBACK")
+            raise
+        for write, result in zip(batch, results):
+            if write.key is not None:
+                self._remember(write.key, result, write.params)
+
+    def _remember(self, key: ConvKey, message_id: int, params: tuple) -> None:
+        """A committed turn updates the cached window and the channel's spend for today."""
+        context, role, content, tokens, prompt_tokens, completion_tokens, created_at = (
+            params[4], params[5], params[7], params[9], params[10], params[11], params[13])
+        self._turns.add(key, context, (message_id, role, content, tokens))
+        spent = self._spent.get(key.channel_key)
+        if prompt_tokens + completion_tokens and spent is not MISSING and spent[0] == created_at[:10]:
+            self._spent.put(key.channel_key, (spent[0], spent[1] + prompt_tokens + completion_tokens))
+
+
+def _settle(done: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
+    if done.done():  # the caller gave up waiting; the write stands
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)
+
+
+def _answered(turns: list[Message]) -> list[Message]:
+    last = max((i for i, turn in enumerate(turns) if turn["role"] == "assistant"), default=-1)
+    return turns[: last + 1]
+
+
+def _prepare(path: Path) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        migrate(db)
+    except sqlite3.DatabaseError as exc:
+        raise HistoryError(f"{path} is not a usable personabot database: {exc}") from exc
+    finally:
+        db.close()
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, isolation_level=None)
+    # NORMAL in WAL mode loses no committed transaction on a process crash, only on power loss.
+    await db.execute("PRAGMA synchronous = NORMAL")
+    await db.execute("PRAGMA foreign_keys = ON")
+    await db.execute("PRAGMA busy_timeout = 5000")
+    return db

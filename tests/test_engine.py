@@ -1,0 +1,203 @@
+"""The engine's reply path, end to end: real SQLite file, real `openai` client, real HTTP test server."""
+import asyncio
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from openai_server import Reply, openai_server  # noqa: F401  (fixture)
+
+from bot.config import Settings
+from bot.conversation import ConvKey, Incoming
+from bot.engine import BUDGET_NOTICE, CONTENT_FILTER_NOTICE, CUT_OFF_NOTICE, Engine, NotAdmin
+from bot.history import HistoryStore
+
+SHIPPED_PERSONAS = Path(__file__).resolve().parent.parent / "personas"
+CHANNEL = ConvKey("terminal", "local", "general")
+
+
+def make_settings(tmp_path: Path, server, **extra) -> Settings:
+    personas = tmp_path / "personas"
+    if not personas.exists():
+        shutil.copytree(SHIPPED_PERSONAS, personas)
+    return Settings(
+        _env_file=None,
+        OPENAI_API_KEY="sk-test",
+        OPENAI_BASE_URL=server.base_url,
+        PERSONABOT_MODEL_TIMEOUT=2,
+        PERSONABOT_DATA_DIR=tmp_path / "data",
+        PERSONABOT_PERSONAS_DIR=personas,
+        **extra,
+    )
+
+
+@pytest.fixture
+async def engine(tmp_path, openai_server):
+    engine = await Engine.create(make_settings(tmp_path, openai_server), knowledge=False)
+    yield engine
+    await engine.close()
+
+
+def said(text: str, key: ConvKey = CHANNEL, *, admin: bool = False, user: str = "u1") -> Incoming:
+    return Incoming(key, user, text, user_name=user, is_admin=admin)
+
+
+async def answer(engine: Engine, incoming: Incoming) -> str:
+    return "".join([piece async for piece in engine.reply(incoming)])
+
+
+async def test_reply_sends_persona_prompt_and_history_then_survives_restart(tmp_path, openai_server):
+    settings = make_settings(tmp_path, openai_server)
+    engine = await Engine.create(settings, knowledge=False)
+    assert await answer(engine, said("first question")) == "echo: first question"
+    await engine.close()
+
+    engine = await Engine.create(settings, knowledge=False)
+    try:
+        await answer(engine, said("second question"))
+    finally:
+        await engine.close()
+    sent = openai_server.last["messages"]
+    assert sent[0]["role"] == "system" and sent[0]["content"] == engine.personas.get("assistant").system
+    assert [m["content"] for m in sent[1:]] == ["first question", "echo: first question", "second question"]
+
+
+async def test_few_shot_examples_follow_the_system_prompt(engine, openai_server):
+    await engine.set_persona(said("", admin=True), "comic")
+    await answer(engine, said("joke please"))
+    comic = engine.personas.get("comic")
+    sent = openai_server.last["messages"]
+    assert sent[: 1 + len(comic.examples)] == comic.prefix()
+    assert openai_server.last["temperature"] == comic.model.temperature
+
+
+async def test_messages_in_one_channel_are_answered_in_arrival_order(engine, openai_server):
+    # The first reply is slow, so the later ones queue behind it; each must still see every earlier turn.
+    openai_server.script(Reply(text="one", delay=0.3), "two", "three", "four")
+    replies = await asyncio.gather(*(answer(engine, said(f"m{i}")) for i in range(1, 5)))
+    assert replies == ["one", "two", "three", "four"]
+    last_history = [m["content"] for m in openai_server.last["messages"][1:]]
+    assert last_history == ["m1", "one", "m2", "two", "m3", "three", "m4"]
+
+
+async def test_a_slow_channel_does_not_hold_up_another(engine, openai_server):
+    openai_server.script(Reply(text="slow", delay=1.0), "fast")
+    slow = asyncio.create_task(answer(engine, said("A", ConvKey("terminal", "local", "a"))))
+    await asyncio.sleep(0.1)  # let channel a's request reach the server first
+    assert await answer(engine, said("B", ConvKey("terminal", "local", "b"))) == "fast"
+    assert not slow.done()
+    assert await slow == "slow"
+
+
+async def test_history_is_kept_per_channel(engine, openai_server):
+    await answer(engine, said("secret plans", ConvKey("discord", "g1", "c1")))
+    await answer(engine, said("hello", ConvKey("discord", "g1", "c2")))
+    assert "secret plans" not in str(openai_server.last["messages"])
+
+
+async def test_history_is_trimmed_to_the_context_window(tmp_path, openai_server):
+    persona_dir = tmp_path / "personas"
+    shutil.copytree(SHIPPED_PERSONAS, persona_dir)
+    (persona_dir / "tiny.yaml").write_text(
+        "name: tiny\nsystem: Be brief.\nmodel: {context_window: 400, max_tokens: 100}\n"
+    )
+    settings = make_settings(tmp_path, openai_server, PERSONABOT_DEFAULT_PERSONA="tiny")
+    engine = await Engine.create(settings, knowledge=False)
+    try:
+        for i in range(30):
+            await answer(engine, said(f"message number {i} " + "padding " * 10))
+        sent = openai_server.last["messages"]
+        model = await engine.models.get(engine.personas.get("tiny").model)
+        assert model.count_tokens(sent) <= 400 - 100
+        assert sent[-1]["content"].startswith("message number 29")
+        assert len(sent) < 20  # older turns were dropped, newest kept
+    finally:
+        await engine.close()
+
+
+async def test_persona_switch_starts_a_new_context(engine, openai_server):
+    await answer(engine, said("remember the llama"))
+    await engine.set_persona(said("", admin=True), "sre")
+    await answer(engine, said("what did I say?"))
+    sent = openai_server.last["messages"]
+    assert sent[0]["content"] == engine.personas.get("sre").system
+    assert "llama" not in str(sent)
+
+
+async def test_non_admin_cannot_switch_persona(engine):
+    with pytest.raises(NotAdmin, match="Only admins"):
+        await engine.set_persona(said("", admin=False), "comic")
+    assert (await engine.active_persona(CHANNEL)).name == "assistant"
+
+
+async def test_admin_actions_are_audited(engine):
+    await engine.set_persona(said("", admin=True, user="boss"), "comic")
+    with sqlite3.connect(engine.settings.db_path) as db:
+        rows = db.execute("SELECT user_id, action, detail FROM audit").fetchall()
+    assert ("boss", "set_persona", "comic") in rows
+
+
+async def test_length_finish_marks_the_reply_as_cut_off(engine, openai_server):
+    openai_server.script(Reply(text="and then the", finish_reason="length"))
+    assert await answer(engine, said("tell me a long story")) == "and then the" + CUT_OFF_NOTICE
+
+
+async def test_content_filter_gives_a_polite_notice(engine, openai_server):
+    openai_server.script(Reply(text="", finish_reason="content_filter"))
+    assert await answer(engine, said("something awful")) == CONTENT_FILTER_NOTICE
+
+
+async def test_backend_error_gives_a_clear_message_and_keeps_the_users_turn(engine, openai_server):
+    openai_server.script(*[Reply.error(500)] * 5)
+    text = await answer(engine, said("are you there?"))
+    assert text.startswith("Sorry, I couldn't answer that:")
+    assert "Traceback" not in text
+    await answer(engine, said("retrying"))
+    assert [m["content"] for m in openai_server.last["messages"][1:]] == ["are you there?", "retrying"]
+
+
+async def test_backend_silence_times_out_with_a_clear_message(engine, openai_server):
+    openai_server.script(Reply(text="never", delay=30))
+    text = await answer(engine, said("hello?"))
+    assert text.startswith("Sorry, I couldn't answer that:")
+    assert "did not answer" in text
+
+
+async def test_context_length_error_is_retried_once_with_less_history(engine, openai_server):
+    for i in range(4):
+        await answer(engine, said(f"turn {i}"))
+    openai_server.script(Reply.context_length_exceeded(), "fits now")
+    assert await answer(engine, said("last")) == "fits now"
+    assert len(openai_server.requests[-1]["messages"]) < len(openai_server.requests[-2]["messages"])
+
+
+async def test_daily_token_budget_stops_model_calls_politely(tmp_path, openai_server):
+    engine = await Engine.create(make_settings(tmp_path, openai_server, PERSONABOT_DAILY_TOKEN_BUDGET=50), knowledge=False)
+    try:
+        await answer(engine, said("a question long enough to spend the whole small budget " * 5))
+        calls = len(openai_server.requests)
+        assert await answer(engine, said("another")) == BUDGET_NOTICE.format(budget=50)
+        assert len(openai_server.requests) == calls
+    finally:
+        await engine.close()
+
+
+async def test_reset_needs_an_admin_in_a_shared_channel_but_not_in_a_dm(engine, openai_server):
+    await answer(engine, said("old context"))
+    with pytest.raises(NotAdmin):
+        await engine.reset(said("", admin=False))
+    dm = Incoming(ConvKey("discord", "dm", "d1"), "u1", "", is_private=True)
+    await engine.reset(dm)
+    await engine.reset(said("", admin=True))
+    await answer(engine, said("fresh"))
+    assert "old context" not in str(openai_server.last["messages"])
+
+
+async def test_stored_turns_carry_tokens_and_finish_reason(engine, openai_server, tmp_path):
+    await answer(engine, said("count me"))
+    store = await HistoryStore.open(engine.settings.db_path)
+    try:
+        rows = await store.usage(None)
+        assert sum(r["total"] for r in rows) > 0
+    finally:
+        await store.close()

@@ -1,0 +1,67 @@
+"""`personabot chat` as a user runs it: a real process, piped stdin, the OpenAI-compatible test server."""
+import asyncio
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+from openai_server import openai_server  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_chat(tmp_path: Path, server, stdin: str, *args: str) -> tuple[int, str, str]:
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": server.base_url,
+        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
+        "PERSONABOT_PERSONAS_DIR": str(ROOT / "personas"),
+        "PERSONABOT_KNOWLEDGE_DIR": str(tmp_path / "knowledge"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "chat", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path, env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_piped_chat_prints_one_reply_per_line_and_exits_at_eof(tmp_path, openai_server):
+    code, out, err = await run_chat(tmp_path, openai_server, "hello\n\nhow are you\n")
+    assert code == 0, err
+    assert out.splitlines() == ["echo: hello", "echo: how are you"]
+
+
+async def test_chat_persona_option_switches_and_history_is_stored_under_terminal(tmp_path, openai_server):
+    code, _, err = await run_chat(tmp_path, openai_server, "a joke please\n", "--persona", "comic", "--channel", "lab")
+    assert code == 0, err
+    assert "stand-up comic" in openai_server.last["messages"][0]["content"]
+    with sqlite3.connect(tmp_path / "data" / "personabot.sqlite3") as db:
+        rows = db.execute("SELECT platform, channel, role, content FROM messages ORDER BY id").fetchall()
+    assert rows == [("terminal", "lab", "user", "a joke please"), ("terminal", "lab", "assistant", "echo: a joke please")]
+
+
+async def test_chat_runs_on_a_locally_built_model_without_any_key(tmp_path):
+    from tiny_gpt2 import build_tiny_gpt2
+
+    model_dir = build_tiny_gpt2(tmp_path / "data" / "models" / "tiny")
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")},
+        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
+        "PERSONABOT_PERSONAS_DIR": str(ROOT / "personas"),
+        "PERSONABOT_KNOWLEDGE_DIR": str(tmp_path / "knowledge"),
+        "PERSONABOT_LOCAL_MODEL": "tiny",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "chat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(b"hello there\n"), 180)
+    assert proc.returncode == 0, err.decode()
+    assert len(out.decode().splitlines()) == 1  # one reply line for one message, from the tiny model
+    with sqlite3.connect(tmp_path / "data" / "personabot.sqlite3") as db:
+        rows = db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
+    assert rows[0] == ("user", "hello there")
+    assert model_dir.name == "tiny"
