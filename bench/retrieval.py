@@ -1,0 +1,214 @@
+"""Retrieval quality and latency.
+
+Quality: recall@5 and nDCG@10 of dense, BM25 and hybrid search on bench/data/questions.jsonl, a labelled set
+over real documents found on this machine: the long descriptions (READMEs) of installed packages and the
+docstrings of Python's standard library modules. Each question is a human-written one-line summary (a
+package's `Summary:`, a module docstring's first line) and its answer is the document it summarises; that
+line is cut out of the document so a match has to be earned, not copied. Relevance is per document: the
+chunk ranking is collapsed to documents (first appearance) before scoring.
+
+Latency: p50/p99 of one query (encode + FAISS + FTS5 + fusion) at 10k and 100k chunks of synthetic text and
+vectors, and FAISS alone, exact against HNSW, which is where vectors.HNSW_THRESHOLD comes from.
+
+    python bench/retrieval.py                    # everything
+    python bench/retrieval.py --write-questions  # regenerate bench/data/questions.jsonl from this machine
+    python bench/retrieval.py --skip-latency --max-chars 3000
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.metadata
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bot.config import Settings  # noqa: E402
+from bot.retrieval import Retriever  # noqa: E402
+from bot.retrieval.chunk import Chunk  # noqa: E402
+from bot.retrieval.embed import Embedder  # noqa: E402
+from bot.retrieval.store import FileEntry  # noqa: E402
+from bot.retrieval.vectors import VectorIndex  # noqa: E402
+
+QUESTIONS = Path(__file__).resolve().parent / "data" / "questions.jsonl"
+OFF_TOPIC = [
+    "What is the capital of Peru?", "How long should I boil an egg?", "Who won the 1966 football world cup?",
+    "What is the best fertiliser for tomatoes?", "How many moons does Jupiter have?",
+    "Recommend a good red wine for pasta.", "What is the plot of Hamlet?", "How do I knit a scarf?",
+    "When did the Roman empire fall?", "What's the weather like in Lisbon in May?",
+    "How tall is Mount Kilimanjaro?", "Which vitamins are in spinach?", "Who painted the Mona Lisa?",
+    "How do I change a bicycle tyre?", "What is the recipe for pancakes?", "Why is the sky blue?",
+    "How many players are on a rugby team?", "What language is spoken in Brazil?",
+    "What is the speed of a cheetah?", "How do tides work?",
+]
+
+
+def documents() -> list[dict]:
+    """(file name, summary, body) for every package README and stdlib docstring worth a question."""
+    docs = []
+    for dist in importlib.metadata.distributions():
+        meta = dist.metadata
+        body = meta.get_payload() or meta.get("Description") or ""
+        summary = (meta.get("Summary") or "").strip()
+        if len(body) > 800 and len(summary) > 25 and summary.upper() != "UNKNOWN":
+            kind = ".md" if "markdown" in (meta.get("Description-Content-Type") or "") else ".txt"
+            name = re.sub(r"[^a-z0-9]+", "-", meta["Name"].lower())
+            docs.append({"file": f"pypi-{name}{kind}", "question": summary, "body": body, "origin": f"pypi:{meta['Name']}"})
+    warnings.filterwarnings("ignore")
+    for module in sorted(sys.stdlib_module_names):
+        if module.startswith("_") or module in {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}:
+            continue
+        try:
+            doc = (importlib.import_module(module).__doc__ or "").strip()
+        except Exception:  # platform-specific modules
+            continue
+        first = doc.split("\n")[0].strip()
+        rest = doc[len(first):].strip()
+        if len(rest) > 400 and len(first) > 20:
+            docs.append({"file": f"stdlib-{module}.txt", "question": first, "body": rest, "origin": f"stdlib:{module}"})
+    unique = {d["file"]: d for d in docs}
+    return sorted(unique.values(), key=lambda d: d["file"])
+
+
+def write_questions() -> None:
+    QUESTIONS.parent.mkdir(parents=True, exist_ok=True)
+    with QUESTIONS.open("w") as out:
+        for doc in documents():
+            out.write(json.dumps({"question": doc["question"], "source": f"docs/{doc['file']}",
+                                  "origin": doc["origin"]}) + "\n")
+    print(f"wrote {sum(1 for _ in QUESTIONS.open())} questions to {QUESTIONS}")
+
+
+def ndcg_at_10(rank: int | None) -> float:
+    return 1 / math.log2(rank + 1) if rank is not None and rank <= 10 else 0.0
+
+
+def doc_rank(sources: list[str], target: str) -> int | None:
+    ranked = list(dict.fromkeys(sources))
+    return ranked.index(target) + 1 if target in ranked else None
+
+
+async def quality(embedder: Embedder, max_chars: int) -> None:
+    questions = [json.loads(line) for line in QUESTIONS.open()]
+    by_file = {d["file"]: d for d in documents()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        folder = root / "knowledge" / "docs"
+        folder.mkdir(parents=True)
+        usable = []
+        for q in questions:
+            doc = by_file.get(q["source"].removeprefix("docs/"))
+            if doc is None:
+                continue
+            body = re.sub(re.escape(q["question"]), " ", doc["body"], flags=re.IGNORECASE)[:max_chars]
+            (folder / doc["file"]).write_text(body)
+            usable.append(q)
+        settings = Settings(_env_file=None, PERSONABOT_DATA_DIR=root / "data", PERSONABOT_KNOWLEDGE_DIR=root / "knowledge")
+        retriever = await Retriever.open(settings, embedder=embedder, progress=True)
+        report = await retriever.sync()
+        print(f"{len(usable)} of {len(questions)} questions have their document here; "
+              f"{len(report.added)} documents, {report.chunks} chunks")
+        top1: list[float] = []
+        print(f"{'mode':<8} {'recall@5':>9} {'nDCG@10':>8}")
+        for mode in ("dense", "lexical", "hybrid"):
+            recall = ndcg = 0.0
+            for q in usable:
+                hits = await retriever.search(q["question"], ["docs"], k=40, mode=mode)
+                rank = doc_rank([h.source for h in hits], q["source"])
+                recall += rank is not None and rank <= 5
+                ndcg += ndcg_at_10(rank)
+                if mode == "hybrid" and hits:
+                    top1.append(max(h.similarity for h in hits[:5]))
+            name = "bm25" if mode == "lexical" else mode
+            print(f"{name:<8} {recall / len(usable):>9.3f} {ndcg / len(usable):>8.3f}")
+        off = []
+        for question in OFF_TOPIC:
+            hits = await retriever.search(question, ["docs"], k=5)
+            off.append(max((h.similarity for h in hits), default=0.0))
+        pct = lambda xs: " ".join(f"p{p}={np.percentile(xs, p):.2f}" for p in (5, 25, 50, 75, 95))  # noqa: E731
+        print(f"best cosine in top 5, answerable questions: {pct(top1)}")
+        print(f"best cosine in top 5, off-topic questions:  {pct(off)}")
+        await retriever.close()
+
+
+def percentiles(samples: list[float]) -> str:
+    return f"p50 {np.percentile(samples, 50) * 1e3:7.2f} ms  p99 {np.percentile(samples, 99) * 1e3:7.2f} ms"
+
+
+async def latency(embedder: Embedder, sizes: list[int], queries: int) -> None:
+    rng = np.random.default_rng(0)
+    words = re.findall(r"[a-z]{4,}", " ".join(d["body"].lower() for d in documents()[:40]))
+    vocab = sorted(set(words))
+    dim = embedder.dim
+    probe = rng.standard_normal((queries, dim)).astype(np.float32)
+    probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+    for size in sizes:
+        vectors = rng.standard_normal((size, dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = np.arange(size, dtype=np.int64)
+        for hnsw in (False, True):
+            index = VectorIndex(dim, hnsw)
+            started = time.perf_counter()
+            index.add(ids, vectors)
+            built = time.perf_counter() - started
+            times = []
+            for q in probe:
+                started = time.perf_counter()
+                index.search(q, 40)
+                times.append(time.perf_counter() - started)
+            print(f"faiss {'hnsw' if hnsw else 'flat'} {size:>7} vectors: {percentiles(times)}  (build {built:.1f} s)")
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            settings = Settings(_env_file=None, PERSONABOT_DATA_DIR=root / "data", PERSONABOT_KNOWLEDGE_DIR=root / "knowledge")
+            retriever = await Retriever.open(settings, embedder=embedder)
+            per_file = 500
+            for first in range(0, size, per_file):
+                count = min(per_file, size - first)
+                chunks = [Chunk(" ".join(rng.choice(vocab, 120)), "synthetic", f"part {n}", 150) for n in range(count)]
+                entry = FileEntry(f"synthetic/f{first}.txt", "synthetic", str(first), 0, 0, count)
+                retriever.store.replace(entry, chunks, vectors[first : first + count])
+            retriever.store.set_meta("dim", str(dim))
+            retriever._reconcile("synthetic")
+            texts = [" ".join(rng.choice(vocab, 8)) for _ in range(queries)]
+            times = []
+            for text in texts:
+                started = time.perf_counter()
+                await retriever.search(text, ["synthetic"], k=8)
+                times.append(time.perf_counter() - started)
+            kind = "hnsw" if retriever._indexes["synthetic"].hnsw else "flat"
+            print(f"hybrid query ({kind}) {size:>7} chunks: {percentiles(times)}  (encode + FAISS + BM25 + fusion)")
+            await retriever.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write-questions", action="store_true")
+    parser.add_argument("--max-chars", type=int, default=4000, help="characters of each document to index")
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    args = parser.parse_args()
+    if args.write_questions:
+        write_questions()
+        return
+    embedder = Embedder.shared()
+    embedder.encode(["warm up"])
+    if not args.skip_quality:
+        asyncio.run(quality(embedder, args.max_chars))
+    if not args.skip_latency:
+        asyncio.run(latency(embedder, [int(s) for s in args.sizes.split(",")], args.queries))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Checks on a file before it may enter the knowledge folder: name, collection, size and real content type.
+
+Everything is decided from the bytes in memory; nothing touches the disk until every check has passed.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import PurePath
+
+import puremagic
+
+from bot.retrieval.parse import UnsupportedDocument, format_of, parse
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+_NAME = re.compile(r"[^a-z0-9._-]+")
+_COLLECTION = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+class UploadRefused(ValueError):
+    """str(exc) tells the uploader why, and that nothing was written."""
+
+
+def safe_collection(name: str) -> str:
+    collection = unicodedata.normalize("NFKC", name).strip().lower().replace(" ", "-")
+    if not _COLLECTION.fullmatch(collection):
+        raise UploadRefused(
+            f"Collection {name!r} is not allowed: use lowercase letters, digits, '-' and '_' (at most 64). "
+            "Nothing was saved."
+        )
+    return collection
+
+
+def safe_filename(filename: str) -> str:
+    """A plain file name, normalised; any attempt at a path is refused rather than silently flattened."""
+    raw = unicodedata.normalize("NFKC", filename).strip()
+    parts = re.split(r"[/\\]", raw)
+    if len(parts) > 1 or raw in (".", "..") or raw.startswith("~") or ":" in raw or "\x00" in raw:
+        raise UploadRefused(f"File name {filename!r} is not allowed: give a plain file name, not a path. "
+                            "Nothing was saved.")
+    stem, suffix = PurePath(raw).stem, PurePath(raw).suffix.lower()
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode().lower()
+    clean = _NAME.sub("-", ascii_stem).strip(".-_")[:100]
+    if not clean:
+        raise UploadRefused(f"File name {filename!r} has no usable characters. Nothing was saved.")
+    return clean + suffix
+
+
+def check(filename: str, data: bytes, max_bytes: int | None = DEFAULT_MAX_BYTES) -> str:
+    """Returns the safe file name; raises UploadRefused with the reason."""
+    name = safe_filename(filename)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UploadRefused(f"{name} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB. "
+                            "Nothing was saved.")
+    if not data.strip():
+        raise UploadRefused(f"{name} is empty. Nothing was saved.")
+    try:
+        kind = format_of(name)
+    except UnsupportedDocument as exc:
+        raise UploadRefused(f"{exc} Nothing was saved.") from None
+    if kind == "pdf":
+        if not data.startswith(b"%PDF-"):
+            raise UploadRefused(f"{name} is named .pdf but is not a PDF{_looks_like(data)}. Nothing was saved.")
+    elif b"\x00" in data or not _is_utf8(data):
+        raise UploadRefused(f"{name} is named {PurePath(name).suffix} but is not UTF-8 text{_looks_like(data)}; "
+                            "save it as UTF-8 text and upload again. Nothing was saved.")
+    try:
+        doc = parse(name, data)
+    except UnsupportedDocument as exc:
+        raise UploadRefused(f"{exc} Nothing was saved.") from None
+    if not doc.blocks:
+        raise UploadRefused(f"{name} has no text to index. Nothing was saved.")
+    return name
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _looks_like(data: bytes) -> str:
+    """Names what the bytes' magic numbers say they are, so the refusal explains itself."""
+    try:
+        matches = puremagic.magic_string(data[:8192])
+    except (puremagic.PureError, ValueError):
+        return ""
+    named = [m for m in matches if m.extension and m.confidence >= 0.4]
+    if not named:
+        return ""
+    match = named[0]
+    return f" (its content looks like {match.name or match.extension})"

@@ -1,0 +1,76 @@
+"""Grounding through the engine: a persona with knowledge answers from its collection and cites it, over the
+real `openai` client against a real HTTP test server, with real MiniLM and FAISS."""
+from __future__ import annotations
+
+import pytest
+from openai_server import openai_server  # noqa: F401  (fixture)
+
+from bot.config import Settings
+from bot.conversation import ConvKey, Incoming
+from bot.engine import Engine
+from bot.history import HistoryStore
+from bot.models.registry import ModelRegistry
+from bot.personas import PersonaLibrary
+from bot.retrieval import Retriever
+from bot.retrieval.embed import Embedder
+
+LIBRARIAN = """\
+name: librarian
+display_name: Librarian
+description: Answers from the handbook.
+system: You answer questions about the company from the handbook.
+knowledge: [handbook]
+"""
+HANDBOOK = "# Handbook\n\n## Holidays\n\nEvery employee gets 27 days of paid holiday a year.\n"
+CHANNEL = ConvKey("terminal", "local", "general")
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder.shared()
+
+
+@pytest.fixture
+async def engine(tmp_path, openai_server, embedder):
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "librarian.yaml").write_text(LIBRARIAN)
+    settings = Settings(
+        _env_file=None, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=openai_server.base_url,
+        PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_PERSONAS_DIR=personas,
+        PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge", PERSONABOT_DEFAULT_PERSONA="librarian",
+    )
+    retriever = await Retriever.open(settings, embedder=embedder)
+    engine = Engine(settings, PersonaLibrary(personas), await HistoryStore.open(settings.db_path),
+                    ModelRegistry(settings), retriever)
+    yield engine
+    await engine.close()
+
+
+async def ask(engine: Engine, text: str) -> str:
+    incoming = Incoming(CHANNEL, "u1", text, user_name="u1", is_admin=False)
+    return "".join([piece async for piece in engine.reply(incoming)])
+
+
+async def test_persona_answers_from_an_uploaded_file_and_cites_it(engine, openai_server):
+    admin = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
+    await engine.add_knowledge(admin, "handbook.md", HANDBOOK.encode())
+    openai_server.script("You get 27 days [1].")
+
+    reply = await ask(engine, "How many days of paid holiday do I get?")
+
+    system = openai_server.requests[-1]["messages"][0]["content"]
+    assert "27 days of paid holiday" in system and "not instructions" in system
+    assert reply == "You get 27 days [1].\n\nSources: [1] handbook/handbook.md § Handbook › Holidays"
+
+
+async def test_persona_is_told_it_has_no_source_when_nothing_matches(engine, openai_server):
+    admin = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
+    await engine.add_knowledge(admin, "handbook.md", HANDBOOK.encode())
+    openai_server.script("I have no source for that.")
+
+    reply = await ask(engine, "What is the melting point of tungsten?")
+
+    system = openai_server.requests[-1]["messages"][0]["content"]
+    assert "no source for that" in system and "27 days" not in system
+    assert reply == "I have no source for that."
