@@ -1,0 +1,210 @@
+"""How a Discord event reaches the engine, and how the engine's stream of text reaches Discord.
+
+Rate limits: Discord allows about 5 message sends or edits per 5 s per channel. A reply makes at most one
+request (send or edit) per `EDIT_INTERVAL` (1.2 s), and edits only when its text changed; starting an
+overflow message counts as a request too. So one streaming reply stays at ≤5 requests in any 5 s window
+(bench/discord_stream.py measures it); discord.py waits out any 429 that overlapping replies still hit.
+
+Resilience: replies go out over REST, not the gateway. A gateway reconnect (RESUME or a fresh IDENTIFY) does
+not touch the task that is streaming a reply, and REST keeps working while the websocket is down, so no reply
+queued in the engine is lost. discord.py already retries a 5xx five times (about 25 s); `send_with_retries`
+adds longer backoff on top for server errors and dropped connections (a network blip that takes the gateway
+down usually takes in-flight HTTP with it), so a reply survives roughly a minute of Discord trouble.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from typing import Protocol, TypeVar
+
+import aiohttp
+import discord
+
+from bot.conversation import ConvKey, Incoming
+from bot.platforms.discord_split import DISCORD_LIMIT, close_open_fence, split_message
+
+log = logging.getLogger(__name__)
+
+EDIT_INTERVAL = 1.2  # seconds between edits of one reply; see the module docstring
+RETRY_DELAYS = (2.0, 4.0, 8.0, 16.0, 32.0)
+TYPING_REFRESH = 8.0
+EMPTY_REPLY = "_(the model returned an empty reply)_"
+FAILURE_NOTICE = "Sorry, something went wrong on my side while answering ({error}). Please try again."
+
+T = TypeVar("T")
+
+
+def safe_mentions(asker: discord.abc.Snowflake | None = None) -> discord.AllowedMentions:
+    """Whatever the model writes, nobody is pinged except the asker (by the reply itself)."""
+    return discord.AllowedMentions(
+        everyone=False, roles=False, users=[asker] if asker is not None else False, replied_user=asker is not None
+    )
+
+
+# -- Discord → engine --------------------------------------------------------------------------------
+
+
+def conv_key(channel: discord.abc.Messageable) -> ConvKey:
+    """History lives per channel, and per thread inside it; DMs have no guild, so their workspace is "dm"."""
+    guild = getattr(channel, "guild", None)
+    workspace = str(guild.id) if guild is not None else "dm"
+    if isinstance(channel, discord.Thread):
+        return ConvKey("discord", workspace, str(channel.parent_id), str(channel.id))
+    return ConvKey("discord", workspace, str(getattr(channel, "id", "")))
+
+
+def is_discord_admin(engine_is_admin: Callable[[str, str], bool], user: discord.abc.User) -> bool:
+    """Manage Server in this guild, or listed in PERSONABOT_ADMINS."""
+    if engine_is_admin("discord", str(user.id)):
+        return True
+    permissions = getattr(user, "guild_permissions", None)
+    return bool(permissions and permissions.manage_guild)
+
+
+def make_incoming(
+    engine_is_admin: Callable[[str, str], bool], user: discord.abc.User, channel: discord.abc.Messageable, text: str
+) -> Incoming:
+    return Incoming(
+        key=conv_key(channel),
+        user_id=str(user.id),
+        text=text,
+        user_name=getattr(user, "display_name", user.name),
+        is_admin=is_discord_admin(engine_is_admin, user),
+        is_private=getattr(channel, "guild", None) is None,  # a DM (also when it arrives as a partial channel)
+    )
+
+
+# -- engine → Discord --------------------------------------------------------------------------------
+
+
+async def send_with_retries(call: Callable[[], Awaitable[T]], what: str = "request") -> T:
+    """Runs a REST call, retrying Discord 5xx errors and dropped connections with backoff."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return await call()
+        except discord.HTTPException as exc:
+            if exc.status < 500 or delay is None:
+                raise
+            log.warning("discord %s failed with %s; retrying in %.0fs", what, exc.status, delay)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            if delay is None:
+                raise
+            log.warning("discord %s failed (%s); retrying in %.0fs", what, exc, delay)
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@asynccontextmanager
+async def typing_in(channel: discord.abc.Messageable) -> AsyncIterator[None]:
+    """Shows "typing…" until the block ends; a failure to show it never costs the reply."""
+
+    async def keep_typing() -> None:
+        while True:
+            try:
+                await channel.typing()  # one trigger lasts about 10 s
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+                log.debug("typing indicator failed: %s", exc)
+            await asyncio.sleep(TYPING_REFRESH)
+
+    task = asyncio.create_task(keep_typing())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+class Editable(Protocol):
+    async def edit(self, *, content: str, allowed_mentions: discord.AllowedMentions) -> object: ...
+
+
+SendFn = Callable[[str], Awaitable[Editable]]
+
+
+class ReplyStream:
+    """Renders a stream of text into Discord messages: typing until the first text, then throttled edits.
+
+    `send_first` posts the first message (a reply to the asker, or an interaction's response) and
+    `send_more` each overflow message of a reply longer than 2000 characters.
+    """
+
+    def __init__(
+        self,
+        send_first: SendFn,
+        send_more: SendFn,
+        *,
+        mentions: discord.AllowedMentions,
+        typing: AbstractAsyncContextManager | None = None,
+        interval: float = EDIT_INTERVAL,
+    ):
+        self.send_first = send_first
+        self.send_more = send_more
+        self.mentions = mentions
+        self.typing = typing or nullcontext()
+        self.interval = interval
+        self.messages: list[Editable] = []
+        self.shown: list[str] = []
+        self.edits = 0
+        self._last_request = float("-inf")
+
+    async def run(self, pieces: AsyncIterator[str]) -> list[str]:
+        """Streams `pieces` into Discord and returns the messages' final texts."""
+        text = ""
+        done = asyncio.Event()
+        changed = asyncio.Event()
+
+        async def consume() -> None:
+            nonlocal text
+            try:
+                async for piece in pieces:
+                    text += piece
+                    changed.set()
+            except Exception as exc:  # a bug or a dead database must still end in words, not a frozen reply
+                log.exception("reply failed")
+                text += ("\n\n" if text else "") + FAILURE_NOTICE.format(error=type(exc).__name__)
+            finally:
+                done.set()
+                changed.set()
+
+        consumer = asyncio.create_task(consume())
+        try:
+            async with self.typing:
+                while not text.strip() and not done.is_set():
+                    await changed.wait()
+                    changed.clear()
+            while True:
+                changed.clear()
+                finished = done.is_set()
+                await self._show(text or EMPTY_REPLY, finished)
+                if finished:
+                    return self.shown
+                await changed.wait()
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - self._last_request)))
+        finally:
+            consumer.cancel()
+
+    async def _show(self, text: str, final: bool) -> None:
+        """Brings the messages up to date with `text`, one request per interval at most."""
+        parts = split_message(text, DISCORD_LIMIT) or [EMPTY_REPLY]
+        if not final:
+            parts[-1] = close_open_fence(parts[-1])
+        for index, part in enumerate(parts):
+            if index < len(self.messages):
+                if self.shown[index] != part:
+                    message = self.messages[index]
+                    await self._pace()
+                    await send_with_retries(lambda: message.edit(content=part, allowed_mentions=self.mentions), "edit")
+                    self._last_request = time.monotonic()
+                    self.shown[index] = part
+                    self.edits += 1
+                continue
+            send = self.send_first if index == 0 else self.send_more
+            await self._pace()
+            self.messages.append(await send_with_retries(lambda: send(part), "send"))
+            self._last_request = time.monotonic()
+            self.shown.append(part)
+
+    async def _pace(self) -> None:
+        await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - self._last_request)))

@@ -1,0 +1,606 @@
+"""The Discord adapter, driven through dpytest with the real engine, SQLite history and the OpenAI client
+talking to a local OpenAI-compatible server.
+
+Slash commands run their real handlers; only the `Interaction` is a stand-in (dpytest has no interactions),
+recording what the handler answered. Modal submissions go through discord.py's own submit path.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import discord
+import discord.ext.test as dpytest
+import discord.ext.test.backend as dpy_backend
+import pytest
+from discord import app_commands
+
+from bot.config import Settings
+from bot.engine import Engine
+from bot.platforms import discord_reply
+from bot.platforms.discord_bot import create_bot
+from bot.platforms.discord_reply import ReplyStream, conv_key
+from bot.platforms.discord_split import close_open_fence, open_fence_language, split_message
+from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+WITH_KNOWLEDGE = pytest.mark.parametrize("engine", ["knowledge"], indirect=True)
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def engine(request, tmp_path, openai_server, monkeypatch):
+    """The real engine; tests that ask for it (WITH_KNOWLEDGE) also get the real retriever (FAISS + MiniLM)."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PERSONABOT_ADMINS", "PERSONABOT_BACKEND", "DISCORD_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    personas = tmp_path / "personas"
+    shutil.copytree(REPO / "personas", personas)
+    settings = Settings(
+        _env_file=None,
+        PERSONABOT_DATA_DIR=tmp_path / "data",
+        PERSONABOT_PERSONAS_DIR=personas,
+        PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge",
+        OPENAI_API_KEY="sk-test",
+        OPENAI_BASE_URL=openai_server.base_url,
+    )
+    engine = await Engine.create(settings, knowledge=getattr(request, "param", "") == "knowledge")
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture
+async def bot(engine):
+    bot = create_bot(engine, engine.settings, edit_interval=0.01)
+    await bot._async_setup_hook()
+    # The bot needs no privileged members intent (authors come with their messages), but dpytest builds its
+    # fake guild's roster through the member cache.
+    bot._connection._intents.members = True
+    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
+    dpytest.configure(bot, guilds=["Guild"], text_channels=["general", "random"], voice_channels=0,
+                      members=["alice", "bob"])
+    yield bot
+    await dpytest.empty_queue()
+
+
+@pytest.fixture
+def payloads(monkeypatch):
+    """Every message payload discord.py builds for the REST API (sends and edits), as it would go on the wire."""
+    sent: list[dict] = []
+    original = discord.http.handle_message_parameters
+
+    def recording(*args, **kwargs):
+        params = original(*args, **kwargs)
+        sent.append(params.payload or {})
+        return params
+
+    for module in (discord.abc, discord.message, discord.interactions):
+        monkeypatch.setattr(module, "handle_message_parameters", recording)
+    return sent
+
+
+def channel(name: str) -> discord.TextChannel:
+    return next(c for c in dpytest.get_config().channels if c.name == name)
+
+
+def member(name: str) -> discord.Member:
+    return next(m for m in dpytest.get_config().members if m.name == name)
+
+
+async def make_admin(who: discord.Member) -> None:
+    guild = who.guild
+    role = dpy_backend.make_role("Mods", guild, permissions=discord.Permissions(manage_guild=True).value)
+    await dpytest.add_role(who, role)
+
+
+async def say_to_bot(bot, text: str, where: str = "general", who: str = "alice") -> discord.Message:
+    return await dpytest.message(f"<@{bot.user.id}> {text}", channel=channel(where), member=member(who))
+
+
+async def bot_messages(where: discord.abc.Messageable, bot) -> list[str]:
+    """What the channel shows now (edits applied), oldest first, from dpytest's record of the channel."""
+    shown = dpy_backend._cur_config.messages.get(where.id, [])
+    return [m["content"] for m in shown if int(m["author"]["id"]) == bot.user.id]
+
+
+class Recorder:
+    def __init__(self, content: str, ephemeral: bool):
+        self.content, self.ephemeral = content, ephemeral
+
+    async def edit(self, *, content: str, **_: object) -> "Recorder":
+        self.content = content
+        return self
+
+
+class Response:
+    def __init__(self, interaction: "FakeInteraction"):
+        self.interaction, self.done = interaction, False
+
+    def is_done(self) -> bool:
+        return self.done
+
+    async def send_message(self, content: str, *, ephemeral: bool = False, **_: object) -> None:
+        assert not self.done, "an interaction is answered once"
+        self.done = True
+        self.interaction.answers.append(Recorder(content, ephemeral))
+
+    async def defer(self, *, ephemeral: bool = False, thinking: bool = False) -> None:
+        assert not self.done
+        self.done = True
+        self.interaction.deferred_ephemeral = ephemeral
+
+    async def send_modal(self, modal: discord.ui.Modal) -> None:
+        assert not self.done
+        self.done = True
+        self.interaction.modal = modal
+
+
+class Followup:
+    def __init__(self, interaction: "FakeInteraction"):
+        self.interaction = interaction
+
+    async def send(self, content: str, *, ephemeral: bool = False, wait: bool = False, **_: object) -> Recorder:
+        answer = Recorder(content, ephemeral)
+        self.interaction.answers.append(answer)
+        return answer
+
+
+class FakeInteraction:
+    """Stands in for `discord.Interaction` only: dpytest has none. User, channel and guild are dpytest's."""
+
+    def __init__(self, bot, user: discord.Member, where: discord.abc.Messageable):
+        self.client, self.user, self.channel = bot, user, where
+        self.guild = getattr(where, "guild", None)
+        self.response = Response(self)
+        self.followup = Followup(self)
+        self.answers: list[Recorder] = []
+        self.modal: discord.ui.Modal | None = None
+        self.deferred_ephemeral = False
+
+    async def edit_original_response(self, *, content: str, **_: object) -> Recorder:
+        answer = Recorder(content, self.deferred_ephemeral)
+        self.answers.append(answer)
+        return answer
+
+    @property
+    def text(self) -> str:
+        return "\n".join(answer.content for answer in self.answers)
+
+
+async def slash(bot, path: str, who: str = "alice", where: str = "general", **options) -> FakeInteraction:
+    """Runs `/path` through the registered command's own callback, as the command tree would."""
+    names = path.split()
+    command = bot.tree.get_command(names[0])
+    for name in names[1:]:
+        command = command.get_command(name)
+    assert isinstance(command, app_commands.Command), path
+    interaction = FakeInteraction(bot, member(who), channel(where))
+    if command.binding is not None:
+        await command.callback(command.binding, interaction, **options)
+    else:
+        await command.callback(interaction, **options)
+    return interaction
+
+
+async def submit(modal: discord.ui.Modal, interaction: FakeInteraction, **values: str) -> None:
+    """Submits a modal the way discord.py does when Discord delivers the form."""
+    components = [
+        {"type": 1, "components": [{"type": 4, "custom_id": getattr(modal, field).custom_id, "value": value}]}
+        for field, value in values.items()
+    ]
+    await modal._scheduled_task(interaction, components, {})
+
+
+# -- chat --------------------------------------------------------------------------------------------
+
+
+async def test_mention_gets_persona_reply_in_channel(bot, engine, openai_server):
+    await say_to_bot(bot, "hello there")
+
+    assert await bot_messages(channel("general"), bot) == ["echo: hello there"]
+    request = openai_server.last
+    assert request["messages"][0] == {"role": "system", "content": engine.personas.get("assistant").system}
+    assert request["messages"][-1] == {"role": "user", "content": "hello there"}
+
+
+async def test_unaddressed_message_in_plain_channel_is_ignored(bot, openai_server):
+    await dpytest.message("just chatting among humans", channel=channel("general"), member=member("alice"))
+
+    assert openai_server.requests == []
+    assert await bot_messages(channel("general"), bot) == []
+
+
+async def test_other_bots_are_ignored(bot, openai_server):
+    robot = dpy_backend.make_member(dpy_backend.make_user("robot", "0042"), channel("general").guild)
+    robot._user.bot = True
+
+    await dpytest.message(f"<@{bot.user.id}> ping", channel=channel("general"), member=robot)
+
+    assert openai_server.requests == []
+
+
+async def test_history_is_kept_per_channel_and_not_shared(bot, openai_server):
+    await say_to_bot(bot, "remember the codeword swordfish", where="general")
+    await say_to_bot(bot, "what was the codeword?", where="general")
+    same_channel = str(openai_server.last["messages"])
+    await say_to_bot(bot, "what was the codeword?", where="random")
+    other_channel = str(openai_server.last["messages"])
+
+    assert "swordfish" in same_channel
+    assert "swordfish" not in other_channel
+
+
+def make_thread(bot, parent: discord.TextChannel, owner_id: int) -> discord.Thread:
+    """dpytest has no threads; this registers one with discord.py's own state, as a THREAD_CREATE would."""
+    thread = discord.Thread(guild=parent.guild, state=bot._connection, data={
+        "id": dpy_backend.facts.make_id(), "guild_id": parent.guild.id, "parent_id": parent.id, "owner_id": owner_id,
+        "name": "a thread", "type": 11, "message_count": 0, "member_count": 1, "rate_limit_per_user": 0,
+        "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": None,
+                            "locked": False},
+    })
+    parent.guild._add_thread(thread)
+    return thread
+
+
+async def test_thread_the_bot_started_is_answered_with_its_own_history(bot, openai_server):
+    await say_to_bot(bot, "remember the codeword swordfish")
+    thread = make_thread(bot, channel("general"), owner_id=bot.user.id)
+
+    await dpytest.message("what was the codeword?", channel=thread, member=member("alice"))
+
+    assert await bot_messages(thread, bot) == ["echo: what was the codeword?"]
+    assert "swordfish" not in str(openai_server.last["messages"])
+
+
+async def test_thread_someone_else_started_needs_a_mention(bot, openai_server):
+    thread = make_thread(bot, channel("general"), owner_id=member("bob").id)
+
+    await dpytest.message("anyone?", channel=thread, member=member("alice"))
+
+    assert openai_server.requests == []
+
+
+async def test_direct_message_is_answered_without_mention(bot, openai_server):
+    dm = await member("alice").create_dm()
+
+    await dpytest.message("hi in private", channel=dm, member=member("alice"))
+
+    assert await bot_messages(dm, bot) == ["echo: hi in private"]
+
+
+async def test_enabled_channel_answers_without_mention(bot, openai_server):
+    await make_admin(member("alice"))
+    answer = await slash(bot, "channel enable", who="alice", where="random")
+    await dpytest.message("no mention needed", channel=channel("random"), member=member("bob"))
+
+    assert "every message" in answer.text
+    assert await bot_messages(channel("random"), bot) == ["echo: no mention needed"]
+
+
+async def test_non_admin_cannot_enable_channel(bot, openai_server):
+    answer = await slash(bot, "channel enable", who="bob", where="random")
+    await dpytest.message("anyone there?", channel=channel("random"), member=member("bob"))
+
+    assert answer.answers[0].ephemeral and "Only admins" in answer.text
+    assert openai_server.requests == []
+
+
+async def test_long_reply_arrives_as_valid_discord_messages(bot, openai_server):
+    prose = " ".join(f"Sentence number {i} says something useful." for i in range(60))
+    code = "\n".join(f"    total += values[{i}]  # step {i}" for i in range(60))
+    reply = f"{prose}\n\n```python\ndef total(values):\n    total = 0\n{code}\n    return total\n```\n\n{prose}"
+    assert len(reply) >= 5000
+    openai_server.script(reply)
+
+    await say_to_bot(bot, "write a lot")
+
+    messages = await bot_messages(channel("general"), bot)
+    assert len(messages) >= 3
+    assert all(0 < len(m) <= 2000 for m in messages)
+    assert all(open_fence_language(m) is None for m in messages)  # no message leaves a code block open
+    shown = " ".join(messages)
+    assert all(f"Sentence number {i} " in shown and f"# step {i}\n" in shown for i in range(60))
+
+
+async def test_everyone_in_model_reply_pings_nobody(bot, openai_server, payloads):
+    openai_server.script("@everyone @here <@&123456789012345678> wake up!")
+
+    await say_to_bot(bot, "announce something")
+
+    alice = member("alice")
+    assert payloads, "the reply was sent"
+    for payload in payloads:
+        allowed = payload["allowed_mentions"]
+        assert allowed["parse"] == []
+        assert allowed.get("users", []) in ([], [alice.id])
+
+
+async def test_client_default_mentions_never_ping_everyone_or_roles(engine):
+    default = create_bot(engine, engine.settings).allowed_mentions
+
+    assert default.everyone is False and default.roles is False and default.users is False
+
+
+async def test_mention_of_bot_is_stripped_from_text(bot, openai_server):
+    await dpytest.message(f"hey <@{bot.user.id}>, what is 2+2?", channel=channel("general"), member=member("alice"))
+
+    assert openai_server.last["messages"][-1]["content"] == "hey , what is 2+2?"
+
+
+async def test_model_failure_edits_reply_into_clear_error(bot, openai_server):
+    openai_server.reply_with(lambda messages: Reply.error(400, "The model `gpt-4o-mini` does not exist",
+                                                          type="invalid_request_error", code="model_not_found"))
+
+    await say_to_bot(bot, "hello?")
+
+    (message,) = await bot_messages(channel("general"), bot)
+    assert message.startswith("Sorry, I couldn't answer that")
+
+
+async def test_reply_survives_discord_server_error(bot, openai_server, monkeypatch):
+    monkeypatch.setattr(discord_reply, "RETRY_DELAYS", (0.0, 0.0))
+    original = bot.http.send_message
+    failures = []
+
+    async def flaky(channel_id, *, params):
+        if not failures:
+            failures.append(channel_id)
+            raise discord.DiscordServerError(dpy_backend.FakeRequest(503, "Service Unavailable"), "upstream down")
+        channel = sys._getframe(1).f_locals["channel"]  # noqa: F841  dpytest reads it from its caller's frame
+        return await original(channel_id, params=params)
+
+    monkeypatch.setattr(bot.http, "send_message", flaky)
+
+    await say_to_bot(bot, "are you there")
+
+    assert failures
+    assert await bot_messages(channel("general"), bot) == ["echo: are you there"]
+
+
+# -- slash commands ----------------------------------------------------------------------------------
+
+
+async def test_non_admin_cannot_switch_persona(bot, engine, openai_server):
+    answer = await slash(bot, "persona set", who="bob", name="comic")
+    await say_to_bot(bot, "tell me something", who="bob")
+
+    assert answer.answers[0].ephemeral
+    assert "Only admins" in answer.text and "Nothing was changed" in answer.text
+    assert (await engine.active_persona(conv_key(channel("general")))).name == "assistant"
+    assert openai_server.last["messages"][0]["content"] == engine.personas.get("assistant").system
+
+
+async def test_admin_switch_changes_next_reply_system_prompt(bot, engine, openai_server):
+    await make_admin(member("alice"))
+
+    answer = await slash(bot, "persona set", who="alice", name="comic")
+    await say_to_bot(bot, "tell me a joke", who="bob")
+
+    assert not answer.answers[0].ephemeral and "Stand-up Comic" in answer.text
+    assert openai_server.last["messages"][0]["content"] == engine.personas.get("comic").system
+
+
+async def test_personabot_admins_can_switch_without_manage_server(bot, engine, openai_server):
+    engine.settings = engine.settings.model_copy(update={"admins": frozenset({f"discord:{member('bob').id}"})})
+
+    await slash(bot, "persona set", who="bob", name="sre")
+    await say_to_bot(bot, "disk is full")
+
+    assert openai_server.last["messages"][0]["content"] == engine.personas.get("sre").system
+
+
+async def test_persona_autocomplete_offers_matching_names(bot):
+    group = bot.tree.get_command("persona")
+    choices = await group.persona_names(None, "com")
+
+    assert [choice.value for choice in choices] == ["comic"]
+    for name in ("show", "set", "edit"):
+        assert group.get_command(name).parameters[0].autocomplete
+
+
+async def test_persona_list_marks_active_persona(bot):
+    answer = await slash(bot, "persona list")
+
+    assert "▶ **Assistant** (`assistant`)" in answer.text and "`comic`" in answer.text
+
+
+async def test_reset_forgets_channel_context(bot, openai_server):
+    await make_admin(member("alice"))
+    await say_to_bot(bot, "remember the codeword swordfish")
+
+    await slash(bot, "reset", who="alice")
+    await say_to_bot(bot, "what was the codeword?")
+
+    assert "swordfish" not in str(openai_server.last["messages"])
+
+
+async def test_ask_answers_without_channel_history(bot, openai_server):
+    await say_to_bot(bot, "remember the codeword swordfish")
+
+    answer = await slash(bot, "ask", who="bob", question="what was the codeword?")
+
+    assert "swordfish" not in str(openai_server.last["messages"])
+    assert answer.text == "echo: what was the codeword?"
+
+
+async def test_admin_creates_persona_through_form(bot, engine, openai_server):
+    await make_admin(member("alice"))
+    started = await slash(bot, "persona create", who="alice", name="pirate")
+    form = started.modal
+
+    submitted = FakeInteraction(bot, member("alice"), channel("general"))
+    await submit(form, submitted, display_name="Captain", system="You are a pirate. Arr.",
+                 extra="model: {temperature: 1.1}\n")
+    await slash(bot, "persona set", who="alice", name="pirate")
+    await say_to_bot(bot, "ahoy")
+
+    assert "Saved **Captain**" in submitted.text
+    assert (engine.settings.personas_dir / "pirate.yaml").exists()
+    assert openai_server.last["messages"][0]["content"] == "You are a pirate. Arr."
+    assert openai_server.last["temperature"] == 1.1
+
+
+async def test_invalid_persona_form_is_refused_with_errors(bot, engine):
+    await make_admin(member("alice"))
+    started = await slash(bot, "persona create", who="alice", name="pirate")
+
+    submitted = FakeInteraction(bot, member("alice"), channel("general"))
+    await submit(started.modal, submitted, system="You are a pirate.", extra="modle: {temperature: 0.5}\n")
+
+    assert "Not saved" in submitted.text and "did you mean 'model'" in submitted.text
+    assert "pirate" not in engine.personas.names()
+
+
+async def test_non_admin_gets_no_persona_form(bot):
+    answer = await slash(bot, "persona create", who="bob", name="pirate")
+
+    assert answer.modal is None and answer.answers[0].ephemeral and "Nothing was changed" in answer.text
+
+
+async def test_edit_form_is_prefilled_with_current_persona(bot, engine):
+    await make_admin(member("alice"))
+
+    answer = await slash(bot, "persona edit", who="alice", name="comic")
+
+    comic = engine.personas.get("comic")
+    assert answer.modal.system.default == comic.system
+    assert "temperature: 0.9" in answer.modal.extra.default
+
+
+@WITH_KNOWLEDGE
+async def test_admin_uploads_document_and_anyone_can_search_it(bot, tmp_path):
+    await make_admin(member("alice"))
+    document = tmp_path / "handbook.md"
+    document.write_text("# On-call\n\nThe pager rotation hands over every Tuesday at 10:00 UTC.\n")
+
+    added = await slash(bot, "knowledge add", who="alice", file=dpy_backend.make_attachment(document),
+                        collection="handbook")
+    found = await slash(bot, "knowledge search", who="bob", query="when does the pager rotation hand over?")
+    listed = await slash(bot, "knowledge list", who="bob")
+
+    assert "handbook.md" in added.text and added.answers[-1].ephemeral
+    assert "handbook/handbook.md" in found.text and "Tuesday" in found.text
+    assert "handbook" in listed.text
+
+
+@WITH_KNOWLEDGE
+async def test_non_admin_cannot_add_knowledge(bot, engine, tmp_path):
+    document = tmp_path / "handbook.md"
+    document.write_text("# Secrets\n")
+
+    answer = await slash(bot, "knowledge add", who="bob", file=dpy_backend.make_attachment(document))
+
+    assert "Nothing was changed" in answer.text and engine.retriever.collections() == []
+
+
+async def test_knowledge_add_when_disabled_says_not_enabled(bot, tmp_path):
+    await make_admin(member("alice"))
+    document = tmp_path / "handbook.md"
+    document.write_text("# Handbook\nBe kind.\n")
+
+    answer = await slash(bot, "knowledge add", who="alice", file=dpy_backend.make_attachment(document))
+
+    assert answer.answers[0].ephemeral and "not enabled" in answer.text
+
+
+async def test_persona_name_is_checked_before_the_form(bot):
+    await make_admin(member("alice"))
+
+    answer = await slash(bot, "persona create", who="alice", name="Pirate King")
+
+    assert answer.modal is None and "lowercase letters" in answer.text
+
+
+# -- splitting (pure) -------------------------------------------------------------------------------
+
+
+def test_short_text_is_one_message():
+    assert split_message("hello") == ["hello"]
+
+
+def test_prose_splits_at_sentence_ends_and_rejoins_exactly():
+    text = " ".join(f"This is sentence {i}, which goes on for a while." for i in range(150))
+
+    parts = split_message(text)
+
+    assert "".join(parts) == text
+    assert all(len(p) <= 2000 for p in parts)
+    assert all(p.rstrip().endswith(".") for p in parts)
+
+
+def test_code_block_cut_is_closed_and_reopened_with_its_language():
+    code = "\n".join(f"print({i})" for i in range(400))
+    text = f"Here you go:\n```python\n{code}\n```\nDone."
+
+    parts = split_message(text)
+
+    assert len(parts) >= 2 and all(len(p) <= 2000 for p in parts)
+    assert all(open_fence_language(p) is None for p in parts)  # each message renders on its own
+    assert all(p.startswith("```python\n") for p in parts[1:])
+    # Take away the added fences (a closing one ending each cut message, a reopening one starting the next)
+    # and the reply is back, exactly.
+    rebuilt = "".join(p[: -len("```")] for p in parts[:-1]) + parts[-1]
+    assert rebuilt.replace("```python\n", "") == text.replace("```python\n", "")
+
+
+def test_code_block_that_fits_moves_whole_to_the_next_message():
+    intro = "Some context. " * 100
+    code = "```sh\n" + "echo hi\n" * 100 + "```"
+
+    parts = split_message(intro + "\n" + code)
+
+    assert parts == [intro + "\n", code]
+
+
+def test_text_without_spaces_is_hard_cut():
+    text = "x" * 4500
+
+    parts = split_message(text)
+
+    assert [len(p) for p in parts] == [1996, 1996, 508]
+    assert "".join(parts) == text
+
+
+def test_open_fence_is_closed_while_streaming():
+    assert close_open_fence("look:\n```js\nlet a") == "look:\n```js\nlet a\n```"
+    assert close_open_fence("```js\nx\n```") == "```js\nx\n```"
+
+
+# -- streaming into messages ------------------------------------------------------------------------
+
+
+async def _pieces(*pieces: str):
+    for piece in pieces:
+        yield piece
+
+
+async def test_stream_edits_only_when_text_changed():
+    sent: list[Recorder] = []
+
+    async def send(content: str) -> Recorder:
+        sent.append(Recorder(content, False))
+        return sent[-1]
+
+    stream = ReplyStream(send, send, mentions=discord.AllowedMentions.none(), interval=0)
+    await stream.run(_pieces("Hello", "", "", "", " world"))
+
+    assert [m.content for m in sent] == ["Hello world"]
+    assert stream.edits <= 1
+
+
+async def test_stream_failure_ends_in_words():
+    async def broken():
+        yield "Half an answer"
+        raise RuntimeError("database is locked")
+
+    sent: list[Recorder] = []
+
+    async def send(content: str) -> Recorder:
+        sent.append(Recorder(content, False))
+        return sent[-1]
+
+    await ReplyStream(send, send, mentions=discord.AllowedMentions.none(), interval=0).run(broken())
+
+    assert sent[0].content.startswith("Half an answer\n\nSorry, something went wrong on my side")
