@@ -1,0 +1,239 @@
+"""A local stand-in for Slack's side of the wire, served over real HTTP on 127.0.0.1.
+
+It answers the Web API methods the bot calls (the bot reaches it through SLACK_API_URL), serves shared files
+to bearer-token downloads, receives `response_url` posts, and records everything in arrival order so tests
+can read back what a Slack user would have seen. `SlackApp` signs and sends the requests Slack would send.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+
+BOT_TOKEN = "xoxb-test-token"
+APP_TOKEN = "xapp-test-token"
+SIGNING_SECRET = "test-signing-secret"
+TEAM = "T0TEST"
+BOT_USER = "UBOT"
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakeSlackApi:
+    def __init__(self, *, admins: set[str] = frozenset(), streaming: bool = True):
+        self.admins = set(admins)
+        self.streaming = streaming
+        self.calls: list[Call] = []
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.downloads: list[str] = []
+        self._ts = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+        self.socket: web.WebSocketResponse | None = None
+        self.socket_connected = asyncio.Event()
+        self.socket_acks: list[dict] = []
+
+    async def start(self) -> "FakeSlackApi":
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_post("/respond/{name}", self._respond)
+        app.router.add_get("/files/{file_id}", self._file)
+        app.router.add_get("/socket", self._socket)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/"
+        return self
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "api/"
+
+    def response_url(self, name: str) -> str:
+        return f"{self.url}respond/{name}"
+
+    # -- what the bot did ---------------------------------------------------------------------------
+
+    def calls_to(self, *methods: str) -> list[Call]:
+        return [c for c in self.calls if c.method in methods]
+
+    def responses(self, name: str) -> list[dict]:
+        return [c.params for c in self.calls if c.method == f"respond/{name}"]
+
+    def thread_text(self, channel: str, thread_ts: str) -> str:
+        """What a user sees in the thread: streamed and posted messages, after every edit, in order."""
+        messages: dict[str, str] = {}
+        for call in self.calls:
+            p = call.params
+            if call.method in ("chat.postMessage", "chat.startStream") and "_ts" in p and p.get("channel") == channel \
+                    and p.get("thread_ts") == thread_ts:
+                messages[p["_ts"]] = p.get("text", "") + _markdown(p)
+            elif call.method in ("chat.appendStream", "chat.stopStream") and p.get("ts") in messages:
+                messages[p["ts"]] += _markdown(p)
+            elif call.method == "chat.update" and p.get("ts") in messages:
+                messages[p["ts"]] = p["text"]
+        return "\n".join(messages[ts] for ts in sorted(messages, key=float))
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+        """Wait until `predicate()` is truthy; the timeout only keeps a broken test from hanging."""
+        deadline = time.monotonic() + timeout
+        while not (result := predicate()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gave up waiting; calls so far: {[c.method for c in self.calls]}")
+            await asyncio.sleep(0.02)
+        return result
+
+    # -- handlers -----------------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params: dict[str, Any] = dict(request.query)
+        if request.can_read_body:
+            if request.content_type == "application/json":
+                params.update(await request.json())
+            else:
+                params.update(await request.post())
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ") or params.get("token")
+        self.calls.append(Call(method, params))
+        if method == "apps.connections.open":
+            if token != APP_TOKEN:  # Socket Mode connections need the app-level token, not the bot token
+                return web.json_response({"ok": False, "error": "not_allowed_token_type"})
+            return web.json_response({"ok": True, "url": f"ws{self.url.removeprefix('http')}socket"})
+        if token != BOT_TOKEN:
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        return web.json_response(self._answer(method, params))
+
+    def _answer(self, method: str, p: dict[str, Any]) -> dict[str, Any]:
+        if method == "auth.test":
+            return {"ok": True, "url": self.url, "team": "Test", "user": "personabot", "team_id": TEAM,
+                    "user_id": BOT_USER, "bot_id": "BBOT"}
+        if method in ("chat.postMessage", "chat.startStream"):
+            if method == "chat.startStream" and not self.streaming:
+                return {"ok": False, "error": "unknown_method"}
+            p["_ts"] = f"{1700000000 + next(self._ts)}.000100"
+            return {"ok": True, "channel": p["channel"], "ts": p["_ts"], "message": {"text": p.get("text", "")}}
+        if method in ("chat.update", "chat.appendStream", "chat.stopStream"):
+            return {"ok": True, "channel": p["channel"], "ts": p["ts"]}
+        if method == "users.info":
+            user = p["user"]
+            return {"ok": True, "user": {"id": user, "name": user.lower(), "is_admin": user in self.admins,
+                                         "is_owner": False, "is_primary_owner": False}}
+        if method == "files.info":
+            if p["file"] not in self.files:
+                return {"ok": False, "error": "file_not_found"}
+            name, data = self.files[p["file"]]
+            return {"ok": True, "file": {"id": p["file"], "name": name, "size": len(data),
+                                         "url_private_download": f"{self.url}files/{p['file']}"}}
+        return {"ok": False, "error": "unknown_method"}
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        """Slack's Socket Mode end: says hello, then relays envelopes pushed by the test and collects acks."""
+        socket = web.WebSocketResponse(autoping=True)
+        await socket.prepare(request)
+        self.socket = socket
+        await socket.send_json({"type": "hello", "num_connections": 1, "debug_info": {"host": "test"}})
+        self.socket_connected.set()
+        async for message in socket:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                self.socket_acks.append(json.loads(message.data))
+        return socket
+
+    async def push(self, kind: str, payload: dict[str, Any]) -> str:
+        """Deliver an envelope over Socket Mode, as Slack does; returns its envelope id."""
+        assert self.socket is not None, "no Socket Mode connection"
+        envelope_id = f"env-{next(self._ts)}"
+        await self.socket.send_json({"envelope_id": envelope_id, "type": kind, "payload": payload,
+                                     "accepts_response_payload": kind != "events_api", "retry_attempt": 0})
+        return envelope_id
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        self.calls.append(Call(f"respond/{request.match_info['name']}", await request.json()))
+        return web.Response(text="ok")
+
+    async def _file(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
+            return web.Response(text="<html>sign in</html>", content_type="text/html")
+        file_id = request.match_info["file_id"]
+        self.downloads.append(file_id)
+        return web.Response(body=self.files[file_id][1], content_type="application/octet-stream")
+
+
+def _markdown(params: dict[str, Any]) -> str:
+    text = params.get("markdown_text", "")
+    chunks = params.get("chunks") or []
+    if isinstance(chunks, str):
+        chunks = json.loads(chunks)
+    return text + "".join(c.get("text", "") for c in chunks if c.get("type") == "markdown_text")
+
+
+def sign(body: str, timestamp: int, secret: str = SIGNING_SECRET) -> str:
+    base = f"v0:{timestamp}:{body}".encode()
+    return "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
+
+
+class SlackApp:
+    """Sends what Slack sends to the bot's request URL: signed slash commands and Events API callbacks."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, secret: str = SIGNING_SECRET):
+        self.url = url
+        self.session = session
+        self.secret = secret
+        self._ids = itertools.count(1)
+
+    async def post(self, body: str, content_type: str, *, timestamp: int | None = None,
+                   signature: str | None = None, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        timestamp = int(time.time()) if timestamp is None else timestamp
+        sent = {
+            "Content-Type": content_type,
+            "X-Slack-Request-Timestamp": str(timestamp),
+            "X-Slack-Signature": signature or sign(body, timestamp, self.secret),
+            **(headers or {}),
+        }
+        async with self.session.post(self.url, data=body.encode(), headers=sent) as response:
+            await response.read()
+            return response
+
+    def command_body(self, command: str, text: str, *, user: str = "U1", channel: str = "C1",
+                     response_url: str = "") -> str:
+        return urlencode({
+            "token": "verification-token-unused", "team_id": TEAM, "team_domain": "test",
+            "channel_id": channel, "channel_name": "general", "user_id": user, "user_name": user.lower(),
+            "command": command, "text": text, "api_app_id": "A1", "response_url": response_url,
+            "trigger_id": f"trigger-{next(self._ids)}",
+        })
+
+    async def command(self, command: str, text: str, **kwargs) -> aiohttp.ClientResponse:
+        return await self.post(self.command_body(command, text, **kwargs), "application/x-www-form-urlencoded")
+
+    def event_body(self, event: dict[str, Any], *, event_id: str | None = None) -> str:
+        return json.dumps({
+            "token": "verification-token-unused", "team_id": TEAM, "api_app_id": "A1", "type": "event_callback",
+            "event": event, "event_id": event_id or f"Ev{next(self._ids):08d}", "event_time": int(time.time()),
+            "authorizations": [{"team_id": TEAM, "user_id": BOT_USER, "is_bot": True}],
+        })
+
+    async def event(self, event: dict[str, Any], *, event_id: str | None = None,
+                    headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        return await self.post(self.event_body(event, event_id=event_id), "application/json", headers=headers)

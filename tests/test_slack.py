@@ -1,0 +1,352 @@
+"""The Slack adapter end to end: the real bolt app served over HTTP on 127.0.0.1, signed requests as Slack
+sends them, its Web API calls answered by a local fake Slack (tests/slack_api.py), the model by the local
+OpenAI-compatible server (tests/openai_server.py), history in a real SQLite file."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bot.config import Settings
+from bot.conversation import ConvKey
+from bot.engine import Engine
+from bot.platforms.slack_bot import SlackConfigError, create_slack_app, create_web_app, run_slack
+from bot.platforms.slack_format import MESSAGE_LIMIT, open_fence, safe_to_send, split_message, to_mrkdwn
+from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
+from slack_api import APP_TOKEN, BOT_TOKEN, BOT_USER, SIGNING_SECRET, TEAM, FakeSlackApi, SlackApp, sign
+
+ADMIN = "UADMIN"
+
+PERSONAS = {
+    "assistant": "name: assistant\nsystem: You are a helpful assistant.\n",
+    "pirate": "name: pirate\ndisplay_name: Captain\ndescription: Talks like a pirate.\nsystem: You are a pirate.\n",
+}
+
+
+@dataclass
+class Rig:
+    slack: SlackApp
+    api: FakeSlackApi
+    model: OpenAIServer
+    engine: Engine
+    url: str
+
+
+@pytest.fixture
+async def api():
+    api = await FakeSlackApi(admins={ADMIN}).start()
+    yield api
+    await api.close()
+
+
+@pytest.fixture
+def config(tmp_path, settings, openai_server, api) -> Settings:  # `settings` clears the host's environment
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    for name, text in PERSONAS.items():
+        (personas / f"{name}.yaml").write_text(text)
+    return Settings(
+        _env_file=None,
+        PERSONABOT_DATA_DIR=tmp_path / "data",
+        PERSONABOT_PERSONAS_DIR=personas,
+        PERSONABOT_BACKEND="openai",
+        OPENAI_BASE_URL=openai_server.base_url,
+        OPENAI_API_KEY="sk-test",
+        SLACK_BOT_TOKEN=BOT_TOKEN,
+        SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        SLACK_API_URL=api.api_url,
+    )
+
+
+@pytest.fixture
+async def engine(config):
+    engine = await Engine.create(config, knowledge=False)
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture
+async def rig(config, engine, api, openai_server):
+    runner = web.AppRunner(create_web_app(create_slack_app(engine, config)))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with aiohttp.ClientSession() as session:
+        yield Rig(SlackApp(f"{url}/slack/events", session), api, openai_server, engine, url)
+    await runner.cleanup()
+
+
+def mention(text: str, ts: str, *, channel: str = "C1", user: str = "U1", thread_ts: str | None = None) -> dict:
+    event = {"type": "app_mention", "user": user, "text": f"<@{BOT_USER}> {text}", "ts": ts,
+             "channel": channel, "event_ts": ts}
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+async def stream_finished(rig: Rig, count: int = 1) -> None:
+    await rig.api.wait_for(lambda: len(rig.api.calls_to("chat.stopStream")) >= count)
+
+
+# -- slash commands ----------------------------------------------------------------------------------
+
+
+async def test_ask_is_acknowledged_before_a_slow_model_answers(rig):
+    rig.model.script(Reply(text="Forty-two, after some thought.", delay=10))
+    started = time.monotonic()
+    response = await rig.slack.command("/ask", "what is the answer?", response_url=rig.api.response_url("ask"))
+    acked_at = time.monotonic()
+
+    assert response.status == 200
+    assert acked_at - started < 3  # Slack's contract: an ack within three seconds
+    answers = await rig.api.wait_for(lambda: rig.api.responses("ask"), timeout=30)
+    assert answers[0]["response_type"] == "in_channel"
+    assert "Forty-two" in answers[0]["text"]
+    assert rig.api.calls_to("respond/ask")[0].at > acked_at
+
+
+async def test_non_admin_cannot_switch_persona(rig):
+    await rig.slack.command("/persona", "set pirate", user="U1", response_url=rig.api.response_url("set"))
+
+    refusal = await rig.api.wait_for(lambda: rig.api.responses("set"))
+    assert "Only admins" in refusal[0]["text"]
+    assert (await rig.engine.active_persona(ConvKey("slack", TEAM, "C1"))).name == "assistant"
+
+
+async def test_workspace_admin_switches_the_channels_persona(rig):
+    await rig.slack.command("/persona", "set pirate", user=ADMIN, response_url=rig.api.response_url("set"))
+
+    done = await rig.api.wait_for(lambda: rig.api.responses("set"))
+    assert "Captain" in done[0]["text"] and done[0]["response_type"] == "in_channel"
+    assert (await rig.engine.active_persona(ConvKey("slack", TEAM, "C1"))).name == "pirate"
+    assert [c.params["user"] for c in rig.api.calls_to("users.info")] == [ADMIN]
+
+
+async def test_persona_list_marks_the_active_one(rig):
+    await rig.slack.command("/persona", "list", response_url=rig.api.response_url("list"))
+
+    listing = (await rig.api.wait_for(lambda: rig.api.responses("list")))[0]["text"]
+    assert "*assistant*" in listing and "*pirate*" in listing
+    assert "active here" in listing.split("*assistant*")[1].split("\n")[0]
+
+
+async def test_knowledge_search_says_knowledge_is_not_enabled(rig):
+    await rig.slack.command("/knowledge", "search refunds", response_url=rig.api.response_url("kb"))
+
+    reply = (await rig.api.wait_for(lambda: rig.api.responses("kb")))[0]["text"]
+    assert "not enabled" in reply
+
+
+async def test_reset_in_a_dm_needs_no_admin(rig):
+    await rig.slack.command("/reset", "", channel="D1", response_url=rig.api.response_url("reset"))
+
+    reply = (await rig.api.wait_for(lambda: rig.api.responses("reset")))[0]["text"]
+    assert reply.startswith("Done")
+
+
+# -- request security ---------------------------------------------------------------------------------
+
+
+async def test_forged_signature_is_refused(rig):
+    body = rig.slack.command_body("/ask", "hello", response_url=rig.api.response_url("x"))
+    forged = sign(body, int(time.time()), secret="not-the-secret")
+
+    response = await rig.slack.post(body, "application/x-www-form-urlencoded", signature=forged)
+
+    assert response.status == 401
+    assert rig.model.requests == []
+
+
+async def test_request_older_than_five_minutes_is_refused(rig):
+    body = rig.slack.command_body("/ask", "hello", response_url=rig.api.response_url("x"))
+
+    response = await rig.slack.post(body, "application/x-www-form-urlencoded", timestamp=int(time.time()) - 6 * 60)
+
+    assert response.status == 401
+    assert rig.model.requests == []
+
+
+async def test_retried_event_is_answered_once(rig):
+    event = mention("hello there", "1700000000.000001")
+    first = await rig.slack.event(event, event_id="Ev0RETRY")
+    await stream_finished(rig)
+    retry = await rig.slack.event(event, event_id="Ev0RETRY",
+                                  headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
+    await rig.slack.event(mention("second", "1700000000.000002"))  # a later event, to know the retry was passed
+    await stream_finished(rig, 2)
+
+    assert (first.status, retry.status) == (200, 200)
+    assert [r["messages"][-1]["content"] for r in rig.model.requests] == ["hello there", "second"]
+
+
+# -- conversation ---------------------------------------------------------------------------------------
+
+
+async def test_mention_is_answered_in_its_thread(rig):
+    rig.model.script(Reply(text="Ahoy, **friend**!"))
+    await rig.slack.event(mention("hi", "1700000001.000100"))
+    await stream_finished(rig)
+
+    assert rig.api.thread_text("C1", "1700000001.000100") == "Ahoy, **friend**!"
+    start = rig.api.calls_to("chat.startStream")[0].params
+    assert (start["recipient_user_id"], start["recipient_team_id"]) == ("U1", TEAM)
+
+
+async def test_a_thread_sees_only_its_own_history(rig):
+    await rig.slack.event(mention("my name is Ann", "1700000002.000001"))
+    await stream_finished(rig, 1)
+    await rig.slack.event(mention("my name is Bob", "1700000003.000001"))
+    await stream_finished(rig, 2)
+    await rig.slack.event(mention("what is my name?", "1700000002.000009", thread_ts="1700000002.000001"))
+    await stream_finished(rig, 3)
+
+    seen = [m["content"] for m in rig.model.requests[-1]["messages"]]
+    assert "my name is Ann" in seen and "my name is Bob" not in seen
+    assert rig.api.thread_text("C1", "1700000002.000001").count("echo:") == 2
+
+
+async def test_direct_message_is_answered_in_its_thread(rig):
+    await rig.slack.event({"type": "message", "channel_type": "im", "channel": "D1", "user": "U1",
+                           "text": "hello in private", "ts": "1700000004.000001"})
+    await stream_finished(rig)
+
+    assert rig.api.thread_text("D1", "1700000004.000001") == "echo: hello in private"
+
+
+async def test_broadcast_mentions_from_the_model_never_ping(rig):
+    rig.model.script(Reply(text="Attention <!channel> and <!here|here>, @everyone and <!subteam^S1|@devs>!",
+                           chunks=["Attention <!chan", "nel> and <!here|here>, @every", "one and <!subteam^S1|@devs>!"]))
+    await rig.slack.event(mention("announce it", "1700000005.000001"))
+    await stream_finished(rig)
+
+    shown = rig.api.thread_text("C1", "1700000005.000001")
+    assert "<!" not in shown and "@everyone" not in shown
+    assert shown.replace("\u200b", "") == "Attention @channel and @here, @everyone and @devs!"
+
+
+async def test_long_answer_without_streaming_is_split_at_the_message_limit(rig):
+    rig.api.streaming = False
+    paragraphs = [f"Paragraph {n}: " + "word " * 150 for n in range(12)]
+    rig.model.script(Reply(text="\n\n".join(paragraphs), chunks=[p + "\n\n" for p in paragraphs]))
+    await rig.slack.event(mention("tell me a lot", "1700000006.000001"))
+    await rig.api.wait_for(lambda: "Paragraph 11" in rig.api.thread_text("C1", "1700000006.000001"))
+
+    posted = rig.api.calls_to("chat.postMessage")
+    assert len(posted) > 1 and all(len(c.params["text"]) <= MESSAGE_LIMIT for c in posted)
+    assert " ".join(rig.api.thread_text("C1", "1700000006.000001").split()) == " ".join("\n\n".join(paragraphs).split())
+
+
+async def test_shared_file_reaches_the_engine_and_reports_knowledge_is_off(rig):
+    rig.api.files["F1"] = ("handbook.md", b"# Handbook\nRefunds take 5 days.")
+    await rig.slack.event({"type": "message", "subtype": "file_share", "channel_type": "im", "channel": "D1",
+                           "user": ADMIN, "text": "", "ts": "1700000007.000001",
+                           "files": [{"id": "F1", "name": "handbook.md"}]})
+    await rig.api.wait_for(lambda: rig.api.calls_to("chat.postMessage"))
+
+    assert rig.api.downloads == ["F1"]
+    assert "not enabled" in rig.api.calls_to("chat.postMessage")[0].params["text"]
+    assert rig.model.requests == []
+
+
+async def test_file_shared_with_a_question_gets_an_answer_not_an_upload(rig):
+    rig.api.files["F2"] = ("screenshot.png", b"\x89PNG")
+    await rig.slack.event({**mention("why does this fail?", "1700000008.000001", channel="C8"),
+                           "files": [{"id": "F2", "name": "screenshot.png"}]})
+    await stream_finished(rig)
+
+    assert rig.api.thread_text("C8", "1700000008.000001") == "echo: why does this fail?"
+    assert rig.api.downloads == []
+
+
+async def test_healthz_answers_ok(rig):
+    async with rig.slack.session.get(f"{rig.url}/healthz") as response:
+        assert (response.status, await response.json()) == (200, {"ok": True})
+
+
+# -- run_slack: the entry point `personabot run` uses ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_run_slack_serves_events_and_healthz_on_port(config, engine, api, openai_server):
+    config = config.model_copy(update={"port": free_port()})
+    server = asyncio.create_task(run_slack(engine, config))
+    url = f"http://127.0.0.1:{config.port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_serving(session, url, server)
+            slack = SlackApp(f"{url}/slack/events", session)
+            response = await slack.command("/ask", "over http", response_url=api.response_url("http"))
+            assert response.status == 200
+            assert (await api.wait_for(lambda: api.responses("http")))[0]["text"] == "echo: over http"
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+
+
+async def wait_until_serving(session: aiohttp.ClientSession, url: str, server: asyncio.Task) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if server.done():
+            server.result()  # surfaces a startup error
+        try:
+            async with session.get(f"{url}/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the Slack web server never answered /healthz")
+
+
+async def test_run_slack_in_socket_mode_acks_commands_over_the_socket(config, engine, api, openai_server):
+    config = config.model_copy(update={"slack_app_token": APP_TOKEN, "slack_signing_secret": None})
+    client = asyncio.create_task(run_slack(engine, config))
+    try:
+        await asyncio.wait_for(api.socket_connected.wait(), 20)
+        envelope = await api.push("slash_commands", {
+            "command": "/ask", "text": "over the socket", "team_id": TEAM, "channel_id": "C1", "user_id": "U1",
+            "user_name": "u1", "response_url": api.response_url("socket"), "trigger_id": "t1",
+        })
+        answer = await api.wait_for(lambda: api.responses("socket"))
+        assert answer[0]["text"] == "echo: over the socket"
+        assert [a["envelope_id"] for a in api.socket_acks] == [envelope]
+    finally:
+        client.cancel()
+        await asyncio.gather(client, return_exceptions=True)
+
+
+async def test_http_mode_without_a_signing_secret_refuses_to_start(config, engine):
+    with pytest.raises(SlackConfigError, match="SLACK_SIGNING_SECRET"):
+        create_slack_app(engine, config.model_copy(update={"slack_signing_secret": None}))
+
+
+# -- formatting ---------------------------------------------------------------------------------------------
+
+
+def test_markdown_becomes_mrkdwn_with_links_kept_and_brackets_escaped():
+    assert to_mrkdwn("**Bold** [docs](https://x.y/a?b=1) if a < b & c") == "*Bold* <https://x.y/a?b=1|docs> if a &lt; b &amp; c"
+
+
+def test_split_closes_and_reopens_code_blocks():
+    text = "Intro\n```python\n" + "\n".join(f"x = {n}" for n in range(1500)) + "\n```\nDone."
+    pieces = split_message(text, 2000)
+
+    assert len(pieces) > 1 and all(len(p) <= 2000 for p in pieces)
+    assert all(open_fence(p) is None for p in pieces)
+    assert all(p.startswith("```python") for p in pieces[1:])
+
+
+def test_stream_holds_back_a_mention_that_may_be_incomplete():
+    assert safe_to_send("ok <!chan") == 3
+    assert safe_to_send("ok @ever") == 3
+    assert safe_to_send("ok <https://x.y> done") == len("ok <https://x.y> done")
