@@ -36,9 +36,15 @@ def chat(
         from bot.engine import Engine
 
         engine = await Engine.create(settings)
+        stop = asyncio.Event()
+        # Syncs knowledge/ first, then keeps watching it, so a document dropped in mid-chat is used.
+        watcher = asyncio.create_task(engine.retriever.watch(stop), name="knowledge-watch") if engine.retriever else None
         try:
             await terminal_chat(engine, persona=persona, channel=channel, user=user)
         finally:
+            stop.set()
+            if watcher is not None:
+                await asyncio.gather(watcher, return_exceptions=True)
             await engine.close()
 
     asyncio.run(main())
@@ -56,12 +62,12 @@ def run(
     ] = None,
 ) -> None:
     """Start every platform whose credentials are set (Discord, Slack over HTTP or Socket Mode)."""
+    from bot.platforms.slack_bot import slack_configured
+
     settings = Settings()
     wanted = set(platform or Platform)
     discord = Platform.discord in wanted and bool(settings.discord_token)
-    slack = Platform.slack in wanted and bool(
-        settings.slack_bot_token and (settings.slack_app_token or settings.slack_signing_secret)
-    )
+    slack = Platform.slack in wanted and slack_configured(settings)
     if not (discord or slack):
         typer.echo(
             "No platform to start: set DISCORD_TOKEN, or SLACK_BOT_TOKEN with SLACK_SIGNING_SECRET (HTTP) or "
@@ -112,10 +118,14 @@ def _ensure_local_model(settings: Settings) -> None:
     pull_smollm2(settings.models_dir)
 
 
-from bot.cli import models, personas  # noqa: E402  (sub-apps register after the root app exists)
+from bot.cli import finetune, history, knowledge, models, personas  # noqa: E402  (sub-apps register after the root app exists)
 
 app.add_typer(personas.app, name="personas", help="List, show, validate and import personas.")
 app.add_typer(models.app, name="models", help="Fetch and list local models.")
+app.add_typer(knowledge.app, name="knowledge")
+app.add_typer(history.app, name="history", help="Export stored conversations.")
+app.command()(history.usage)
+app.command()(finetune.finetune)
 
 
 def main() -> None:
