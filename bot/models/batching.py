@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import logging
 import threading
 import weakref
@@ -108,6 +109,8 @@ class BatchWorker:
 
     def __init__(self, model, stop_ids: set[int], context_window: int, *, max_batch: int = 8, max_waiting: int = 32):
         self.model = model
+        # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); older releases lack it.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.stop_ids = stop_ids
         self.context_window = context_window
         # Sliding-window and other special caches cannot be merged by padding: serve those one at a time.
@@ -204,19 +207,22 @@ class BatchWorker:
         for r in arrivals:
             r.position = len(r.prompt_ids)
         self._emit(arrivals, out.logits[:, -1, :])
-        self._merge(arrivals, out.past_key_values, mask)
+        self._merge(arrivals, self._cache_of(out), mask)
 
     def _decode(self) -> None:
         ids = torch.tensor([[r.next_token] for r in self._active], device=self.device)
         positions = torch.tensor([[r.position] for r in self._active], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._active), 1)], dim=-1)
         out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True)
+                         use_cache=True, **{self._cache_kwarg: self._cache})
         self.steps += 1
-        self._cache = out.past_key_values
+        self._cache = self._cache_of(out)
         for r in self._active:
             r.position += 1
         self._emit(self._active, out.logits[:, -1, :])
+
+    def _cache_of(self, out) -> DynamicCache:
+        return getattr(out, self._cache_kwarg)
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token with its own settings and stream what it adds to the reply."""

