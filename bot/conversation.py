@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class ConvKey:
-    """Where a conversation lives; history, ordering and the active persona hang off this."""
+class ConvKey(NamedTuple):
+    """Where a conversation lives; history, ordering and the active persona hang off this.
+
+    A tuple rather than a dataclass: every message looks it up in several dicts, and tuples hash in C.
+    """
 
     platform: str
     workspace: str

@@ -126,32 +126,36 @@ class Engine:
             if grounding is not None:
                 prefix[0] = {"role": "system", "content": f"{prefix[0]['content']}\n\n{grounding.system_block}"}
 
-        # The user's turn is stored before the model is called, so a failure never loses what they said.
-        await self.history.append(key, "user", incoming.text, author=incoming.user_id, persona=persona.name, tokens=user_tokens)
-
-        text: list[str] = []
-        finish, usage = None, None
-        messages = prefix + history + [user]
-        for attempt in (1, 2):
-            try:
-                async for chunk in model.stream(messages, params):
-                    if chunk.text:
-                        text.append(chunk.text)
-                        yield chunk.text
-                    if chunk.finish_reason:
-                        finish, usage = chunk.finish_reason, chunk.usage
-                break
-            except ContextLengthError as exc:
-                if attempt == 2 or text:
-                    yield ERROR_NOTICE.format(error=exc)
+        # The user's turn is queued before the model is called and committed while it thinks, so a failure
+        # never loses what they said and the first token never waits on the disk.
+        saved = asyncio.ensure_future(self.history.append(
+            key, "user", incoming.text, author=incoming.user_id, persona=persona.name, tokens=user_tokens))
+        try:
+            text: list[str] = []
+            finish, usage = None, None
+            messages = prefix + history + [user]
+            for attempt in (1, 2):
+                try:
+                    async for chunk in model.stream(messages, params):
+                        if chunk.text:
+                            text.append(chunk.text)
+                            yield chunk.text
+                        if chunk.finish_reason:
+                            finish, usage = chunk.finish_reason, chunk.usage
+                    break
+                except ContextLengthError as exc:
+                    if attempt == 2 or text:
+                        yield ERROR_NOTICE.format(error=exc)
+                        return
+                    # Our token count disagreed with the server's: keep only the newest half of the history.
+                    log.warning("context length exceeded; retrying with half the history", extra={"key": str(key)})
+                    messages = prefix + _newest_half(history) + [user]
+                except ModelError as exc:
+                    log.warning("model failed: %s", exc)
+                    yield ("\n\n" if text else "") + ERROR_NOTICE.format(error=exc)
                     return
-                # Our token count disagreed with the server's: keep only the newest half of the history.
-                log.warning("context length exceeded; retrying with half the history", extra={"key": str(key)})
-                messages = prefix + _newest_half(history) + [user]
-            except ModelError as exc:
-                log.warning("model failed: %s", exc)
-                yield ("\n\n" if text else "") + ERROR_NOTICE.format(error=exc)
-                return
+        finally:
+            await saved
 
         if finish == "content_filter" and not text:
             yield CONTENT_FILTER_NOTICE

@@ -14,11 +14,12 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from bisect import bisect_right
-from itertools import accumulate, groupby, islice
+from itertools import accumulate, groupby
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,11 @@ class _Write:
 
 
 class HistoryStore:
-    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+    def __init__(self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection):
         self.path = path
+        # The writer is plain sqlite3 on a thread of its own, so a whole batch costs one hop off the event loop.
         self._db = writer
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="history-writer")
         self._read = reader
         self._pending: list[_Write] = []
         self._wake = asyncio.Event()
@@ -93,7 +96,7 @@ class HistoryStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_prepare, path)
-        writer = await _connect(path)
+        writer = await asyncio.to_thread(_connect_writer, path)
         reader = await _connect(path)
         await reader.execute("PRAGMA query_only = ON")
         return cls(path, writer, reader)
@@ -105,8 +108,8 @@ class HistoryStore:
         self._closing = True
         self._wake.set()
         await self._writer
-        await self._db.execute("PRAGMA optimize")
-        await self._db.close()
+        await self._in_writer(_close, self._db)
+        self._db_thread.shutdown()
         await self._read.close()
 
     # -- messages ------------------------------------------------------------------------------------
@@ -148,13 +151,12 @@ class HistoryStore:
             return []
         context = await self._context(key)
         conversation = self._turns.get(key, context) or await self._load_turns(key, context)
-        newest = conversation.turns.copy()
-        newest.reverse()
-        costs = [turn[3] for turn in newest]
+        newest = list(reversed(conversation.turns))
+        costs = [turn[2] for turn in newest]
         if counter is not None and 0 in costs:
-            costs = [cost or counter({"role": role, "content": content}) for _, role, content, cost in newest]  # type: ignore[typeddict-item]
+            costs = [cost or counter(message) for _, message, cost in newest]
         fits = bisect_right(list(accumulate(costs)), budget_tokens)
-        turns: list[Message] = [{"role": role, "content": content} for _, role, content, _ in reversed(list(islice(newest, fits)))]  # type: ignore[misc]
+        turns = [message for _, message, _ in reversed(newest[:fits])]
         cut = fits < len(newest) or not conversation.whole
         # A reply whose question fell outside the window reads as the bot talking to itself.
         while cut and turns and turns[0]["role"] == "assistant":
@@ -186,7 +188,8 @@ class HistoryStore:
                 " ORDER BY id DESC LIMIT ?",
                 (*_key(key), context, MAX_TURNS),
             )
-            return self._turns.put(key, context, [tuple(row) for row in reversed(rows)])  # type: ignore[misc]
+            return self._turns.put(key, context, [(id_, {"role": role, "content": content}, tokens)  # type: ignore[misc]
+                                                  for id_, role, content, tokens in reversed(rows)])
 
     async def _context(self, key: ConvKey) -> int:
         context = self._contexts.get(key)
@@ -356,7 +359,10 @@ class HistoryStore:
         results: list[Any] = [None] * len(batch)
         try:
             async with self._sync:
-                await self._commit_in_one(batch, results)
+                await self._in_writer(self._commit_in_one, batch, results)
+                for write, result in zip(batch, results):
+                    if write.key is not None:
+                        self._remember(write.key, result, write.params)
         except sqlite3.Error as exc:
             if len(batch) > 1:
                 for write in batch:
@@ -373,31 +379,33 @@ class HistoryStore:
         for write, result in zip(batch, results):
             _settle(write.done, result)
 
-    async def _commit_in_one(self, batch: list[_Write], results: list[Any]) -> None:
-        await self._db.execute("BEGIN IMMEDIATE")
+    def _in_writer(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+        return asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
+
+    def _commit_in_one(self, batch: list[_Write], results: list[Any]) -> None:
+        """Runs on the writer thread."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
         try:
             for sql, group in groupby(enumerate(batch), key=lambda item: item[1].sql):
                 group = list(group)
-                await self._db.executemany(sql, [write.params for _, write in group])
+                db.executemany(sql, [write.params for _, write in group])
                 if sql == INSERT_MESSAGE:
                     # We hold the write lock, so the rows just inserted took consecutive rowids.
-                    (last,), = await self._db.execute_fetchall("SELECT last_insert_rowid()")
+                    (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
                     for n, (i, _) in enumerate(group):
                         results[i] = last - len(group) + 1 + n
-            await self._db.execute("COMMIT")
+            db.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                await self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        for write, result in zip(batch, results):
-            if write.key is not None:
-                self._remember(write.key, result, write.params)
 
     def _remember(self, key: ConvKey, message_id: int, params: tuple) -> None:
         """A committed turn updates the cached window and the channel's spend for today."""
         context, role, content, tokens, prompt_tokens, completion_tokens, created_at = (
             params[4], params[5], params[7], params[9], params[10], params[11], params[13])
-        self._turns.add(key, context, (message_id, role, content, tokens))
+        self._turns.add(key, context, (message_id, {"role": role, "content": content}, tokens))  # type: ignore[typeddict-item]
         spent = self._spent.get(key.channel_key)
         if prompt_tokens + completion_tokens and spent is not MISSING and spent[0] == created_at[:10]:
             self._spent.put(key.channel_key, (spent[0], spent[1] + prompt_tokens + completion_tokens))
@@ -428,10 +436,28 @@ def _prepare(path: Path) -> None:
         db.close()
 
 
+PRAGMAS = (
+    # NORMAL in WAL mode loses no committed transaction on a process crash, only on power loss.
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA busy_timeout = 5000",
+)
+
+
 async def _connect(path: Path) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
-    # NORMAL in WAL mode loses no committed transaction on a process crash, only on power loss.
-    await db.execute("PRAGMA synchronous = NORMAL")
-    await db.execute("PRAGMA foreign_keys = ON")
-    await db.execute("PRAGMA busy_timeout = 5000")
+    for pragma in PRAGMAS:
+        await db.execute(pragma)
     return db
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    for pragma in PRAGMAS:
+        db.execute(pragma)
+    return db
+
+
+def _close(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA optimize")
+    db.close()

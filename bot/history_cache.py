@@ -10,6 +10,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bot.models.base import Message
+
 MISSING = object()
 
 
@@ -44,7 +46,9 @@ class Recent:
         self._items.pop(key, None)
 
 
-Turn = tuple[int, str, str, int]  # id, role, content, tokens
+# id, the turn as a model reads it, tokens. The message dict is built once and handed out by every window
+# that includes it, so windows must be treated as read-only.
+Turn = tuple[int, Message, int]
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Conversation:
     chars: int = field(default=0)
 
     def __post_init__(self) -> None:
-        self.chars = sum(len(turn[2]) for turn in self.turns)
+        self.chars = sum(len(turn[1]["content"]) for turn in self.turns)
 
 
 class RecentTurns:
@@ -91,12 +95,12 @@ class RecentTurns:
         if conversation is None or (conversation.turns and conversation.turns[-1][0] >= turn[0]):
             return
         conversation.turns.append(turn)
-        conversation.chars += len(turn[2])
-        self.chars += len(turn[2])
+        conversation.chars += len(turn[1]["content"])
+        self.chars += len(turn[1]["content"])
         if len(conversation.turns) > self.max_turns:
             dropped = conversation.turns.popleft()
-            conversation.chars -= len(dropped[2])
-            self.chars -= len(dropped[2])
+            conversation.chars -= len(dropped[1]["content"])
+            self.chars -= len(dropped[1]["content"])
             conversation.whole = False
         self._evict()
 

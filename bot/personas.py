@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -316,8 +318,11 @@ class PersonaLibrary:
     thread or a restart; only files whose mtime, size or inode changed are parsed again.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, recheck_seconds: float = 1.0):
         self.directory = Path(directory)
+        # Every message looks its persona up; statting the folder at most this often keeps that free.
+        self.recheck_seconds = recheck_seconds
+        self._checked_at = -math.inf
         self._entries: dict[Path, _Entry] = {}
         self._by_name: dict[str, Persona] = {}
         self._conflicts: dict[Path, str] = {}
@@ -363,16 +368,21 @@ class PersonaLibrary:
             Path(tmp).unlink(missing_ok=True)
             raise
         log.info("saved persona %s to %s", persona.name, path)
+        self._refresh(force=True)
         return path
 
     def _path_for(self, name: str) -> Path:
-        self._refresh()
+        self._refresh(force=True)
         for path, entry in self._entries.items():
             if entry.persona is not None and entry.persona.name == name:
                 return path
         return self.directory / f"{name}.yaml"
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.recheck_seconds:
+            return
+        self._checked_at = now
         current: dict[Path, tuple[int, int, int]] = {}
         try:
             with os.scandir(self.directory) as it:

@@ -2,6 +2,7 @@ import base64
 import json
 import logging
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -184,14 +185,24 @@ def test_display_name_defaults_from_the_name():
 
 def test_library_sees_an_edit_without_restart(tmp_path):
     path = write(tmp_path, "pirate.yaml", PIRATE)
-    library = PersonaLibrary(tmp_path)
+    library = PersonaLibrary(tmp_path, recheck_seconds=0)
     assert library.get("pirate").system == "You talk like a pirate."
     path.write_text(PIRATE.replace("like a pirate", "like a very old pirate"), encoding="utf-8")
     assert library.get("pirate").system == "You talk like a very old pirate."
 
 
+def test_library_stats_the_folder_at_most_once_per_recheck_interval(tmp_path):
+    path = write(tmp_path, "pirate.yaml", PIRATE)
+    library = PersonaLibrary(tmp_path, recheck_seconds=0.2)
+    assert library.get("pirate").system == "You talk like a pirate."
+    path.write_text(PIRATE.replace("like a pirate", "like a very old pirate"), encoding="utf-8")
+    assert library.get("pirate").system == "You talk like a pirate."
+    time.sleep(0.25)
+    assert library.get("pirate").system == "You talk like a very old pirate."
+
+
 def test_library_sees_new_and_deleted_files(tmp_path):
-    library = PersonaLibrary(tmp_path)
+    library = PersonaLibrary(tmp_path, recheck_seconds=0)
     assert library.names() == []
     path = write(tmp_path, "pirate.yaml", PIRATE)
     assert library.names() == ["pirate"]
@@ -202,7 +213,7 @@ def test_library_sees_new_and_deleted_files(tmp_path):
 
 def test_broken_edit_keeps_serving_the_last_good_persona(tmp_path, caplog):
     path = write(tmp_path, "pirate.yaml", PIRATE)
-    library = PersonaLibrary(tmp_path)
+    library = PersonaLibrary(tmp_path, recheck_seconds=0)
     library.get("pirate")
     path.write_text(PIRATE + "examples:\n  - role: bot\n    content: x\n", encoding="utf-8")
     with caplog.at_level(logging.ERROR, logger="bot.personas"):
@@ -213,7 +224,7 @@ def test_broken_edit_keeps_serving_the_last_good_persona(tmp_path, caplog):
 
 def test_fixing_a_broken_file_clears_its_error(tmp_path):
     path = write(tmp_path, "pirate.yaml", "name: pirate\n")
-    library = PersonaLibrary(tmp_path)
+    library = PersonaLibrary(tmp_path, recheck_seconds=0)
     assert library.names() == [] and path in library.errors
     path.write_text(PIRATE.replace("a pirate", "a fixed pirate"), encoding="utf-8")
     assert library.get("pirate").system == "You talk like a fixed pirate." and library.errors == {}
@@ -222,7 +233,7 @@ def test_fixing_a_broken_file_clears_its_error(tmp_path):
 def test_two_files_claiming_one_name_are_reported(tmp_path):
     write(tmp_path, "pirate.yaml", PIRATE)
     write(tmp_path, "pirate.yml", PIRATE)
-    library = PersonaLibrary(tmp_path)
+    library = PersonaLibrary(tmp_path, recheck_seconds=0)
     assert library.names() == ["pirate"]
     assert "already defined" in library.errors[tmp_path / "pirate.yml"][0]
 
@@ -230,7 +241,7 @@ def test_two_files_claiming_one_name_are_reported(tmp_path):
 def test_unknown_persona_names_the_available_ones(tmp_path):
     write(tmp_path, "pirate.yaml", PIRATE)
     with pytest.raises(UnknownPersona) as info:
-        PersonaLibrary(tmp_path).get("ninja")
+        PersonaLibrary(tmp_path, recheck_seconds=0).get("ninja")
     assert str(info.value) == "no persona named 'ninja' (available: pirate)"
 
 
@@ -249,7 +260,7 @@ def test_save_round_trips_through_the_file(tmp_path):
 
 
 def test_save_leaves_no_temporary_files(tmp_path):
-    library = PersonaLibrary(tmp_path)
+    library = PersonaLibrary(tmp_path, recheck_seconds=0)
     library.save(Persona(name="poet", system="Rhyme."))
     library.save(Persona(name="poet", system="Rhyme twice."))
     assert [p.name for p in tmp_path.iterdir()] == ["poet.yaml"] and library.get("poet").system == "Rhyme twice."
