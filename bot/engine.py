@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bot import metrics
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming
 from bot.history import HistoryStore
@@ -33,6 +35,7 @@ BUDGET_NOTICE = (
 )
 ERROR_NOTICE = "Sorry, I couldn't answer that: {error}"
 SHORT_QUERY_WORDS = 6
+OUTCOMES = {"length": "cut_off", "content_filter": "content_filter", "error": "error"}
 
 
 class NotAdmin(PermissionError):
@@ -80,9 +83,15 @@ class Engine:
 
     async def reply(self, incoming: Incoming, *, use_history: bool = True) -> AsyncIterator[str]:
         """Stream the active persona's answer to `incoming`, after every earlier message in its conversation."""
+        platform = incoming.key.platform
+        began, answered = time.perf_counter(), False
         async with self._turn(incoming.key):
             async for piece in self._reply(incoming, use_history):
+                if not answered:
+                    answered = True
+                    metrics.FIRST_TEXT.labels(platform).observe(time.perf_counter() - began)
                 yield piece
+        metrics.REPLY.labels(platform).observe(time.perf_counter() - began)
 
     @asynccontextmanager
     async def _turn(self, key: ConvKey):
@@ -105,6 +114,7 @@ class Engine:
         persona = await self.active_persona(key)
         budget = self.settings.daily_token_budget
         if budget and await self.history.tokens_today(key) >= budget:
+            metrics.REPLIES.labels(key.platform, "over_budget").inc()
             yield BUDGET_NOTICE.format(budget=budget)
             return
 
@@ -145,6 +155,7 @@ class Engine:
                     break
                 except ContextLengthError as exc:
                     if attempt == 2 or text:
+                        metrics.REPLIES.labels(key.platform, "error").inc()
                         yield ERROR_NOTICE.format(error=exc)
                         return
                     # Our token count disagreed with the server's: keep only the newest half of the history.
@@ -152,11 +163,16 @@ class Engine:
                     messages = prefix + _newest_half(history) + [user]
                 except ModelError as exc:
                     log.warning("model failed: %s", exc)
+                    metrics.REPLIES.labels(key.platform, "error").inc()
                     yield ("\n\n" if text else "") + ERROR_NOTICE.format(error=exc)
                     return
         finally:
             await saved
 
+        metrics.REPLIES.labels(key.platform, OUTCOMES.get(finish, "ok")).inc()
+        if usage:
+            metrics.TOKENS.labels(key.platform, "prompt").inc(usage.prompt_tokens)
+            metrics.TOKENS.labels(key.platform, "completion").inc(usage.completion_tokens)
         if finish == "content_filter" and not text:
             yield CONTENT_FILTER_NOTICE
         reply = "".join(text)

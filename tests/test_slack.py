@@ -268,6 +268,23 @@ async def test_healthz_answers_ok(rig):
         assert (response.status, await response.json()) == (200, {"ok": True})
 
 
+async def answered_ok(rig) -> float:
+    async with rig.slack.session.get(f"{rig.url}/metrics") as response:
+        assert response.status == 200 and response.content_type == "text/plain"
+        text = await response.text()
+    line = 'personabot_replies_total{outcome="ok",platform="slack"} '
+    return next((float(row[len(line):]) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+
+async def test_metrics_count_each_answered_command(rig):
+    before = await answered_ok(rig)
+    rig.model.script(Reply(text="Counted."))
+    await rig.slack.command("/ask", "count me", response_url=rig.api.response_url("m"))
+    await rig.api.wait_for(lambda: rig.api.responses("m"))
+
+    assert await answered_ok(rig) == before + 1
+
+
 # -- run_slack: the entry point `personabot run` uses ------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import metrics
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming
 from bot.engine import KnowledgeDisabled, NotAdmin
@@ -104,7 +105,8 @@ def create_slack_app(engine: "Engine", settings: Settings) -> AsyncApp:
 
 
 def create_web_app(slack_app: AsyncApp) -> web.Application:
-    """`POST /slack/events` (events and slash commands) and `GET /healthz`, for the Procfile's web process."""
+    """`POST /slack/events` (events and slash commands), `GET /healthz` and `GET /metrics`, for the Procfile's
+    web process."""
 
     async def events(request: web.Request) -> web.Response:
         return await to_aiohttp_response(await slack_app.async_dispatch(await to_bolt_request(request)))
@@ -112,8 +114,12 @@ def create_web_app(slack_app: AsyncApp) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def metrics_text(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     app = web.Application()
-    app.add_routes([web.post("/slack/events", events), web.get("/healthz", healthz)])
+    app.add_routes([web.post("/slack/events", events), web.get("/healthz", healthz), web.get("/metrics", metrics_text)])
     return app
 
 
@@ -134,7 +140,7 @@ async def run_slack(engine: "Engine", settings: Settings) -> None:
     runner = web.AppRunner(create_web_app(slack_app), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", settings.port).start()
-    log.info("Slack: listening on port %d (POST /slack/events, GET /healthz)", settings.port)
+    log.info("Slack: listening on port %d (POST /slack/events, GET /healthz, GET /metrics)", settings.port)
     try:
         await asyncio.Event().wait()
     finally:
