@@ -1,6 +1,7 @@
 """`personabot chat` as a user runs it: a real process, piped stdin, the OpenAI-compatible test server."""
 import asyncio
 import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -65,3 +66,30 @@ async def test_chat_runs_on_a_locally_built_model_without_any_key(tmp_path):
         rows = db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
     assert rows[0] == ("user", "hello there")
     assert model_dir.name == "tiny"
+
+
+async def test_sigterm_stops_chat_cleanly_with_the_conversation_saved(tmp_path, openai_server):
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": openai_server.base_url,
+        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
+        "PERSONABOT_PERSONAS_DIR": str(ROOT / "personas"),
+        "PERSONABOT_KNOWLEDGE_DIR": str(tmp_path / "knowledge"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "chat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=env,
+    )
+    proc.stdin.write(b"still there?\n")
+    await proc.stdin.drain()
+    assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"echo: still there?\n"
+
+    proc.send_signal(signal.SIGTERM)  # stdin stays open: the chat is waiting for the next line
+    code = await asyncio.wait_for(proc.wait(), 30)
+
+    err = (await proc.stderr.read()).decode()
+    assert code == 0 and "Traceback" not in err, err
+    with sqlite3.connect(tmp_path / "data" / "personabot.sqlite3") as db:
+        assert db.execute("SELECT role, content FROM messages ORDER BY id").fetchall() == [
+            ("user", "still there?"), ("assistant", "echo: still there?")]

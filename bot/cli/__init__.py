@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+from collections.abc import Coroutine
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -47,7 +49,7 @@ def chat(
                 await asyncio.gather(watcher, return_exceptions=True)
             await engine.close()
 
-    asyncio.run(main())
+    _until_interrupted(main())
 
 
 class Platform(str, Enum):
@@ -76,7 +78,23 @@ def run(
         )
         raise typer.Exit(2)
     _ensure_local_model(settings)
-    asyncio.run(_run_platforms(settings, discord=discord, slack=slack))
+    _until_interrupted(_run_platforms(settings, discord=discord, slack=slack))
+
+
+def _until_interrupted(main: Coroutine[Any, Any, None]) -> None:
+    """Ctrl-C and the host's SIGTERM (a deploy or restart) stop cleanly: the work is cancelled, its
+    `finally` commits queued history and closes the models, and nobody sees a traceback."""
+
+    async def cancellable() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        await main
+
+    try:
+        asyncio.run(cancellable())
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except asyncio.CancelledError:
+        log.info("stopped by SIGTERM")
 
 
 async def _run_platforms(settings: Settings, *, discord: bool, slack: bool) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from typing import TextIO
 
 from bot.conversation import ConvKey, Incoming
@@ -38,11 +39,12 @@ async def chat(
         current = await engine.active_persona(key)
         stdout.write(f"personabot: chatting with {current.display_name} ({current.name}) in #{channel}. {HELP}\n")
 
+    lines = _lines(stdin)
     while True:
         if interactive:
             stdout.write("you> ")
             stdout.flush()
-        line = await asyncio.to_thread(stdin.readline)
+        line = await lines.get()
         if not line:
             break
         text = line.strip()
@@ -81,3 +83,21 @@ async def _command(engine: Engine, incoming: Incoming, text: str, stdout: TextIO
     except (UnknownPersona, NotAdmin) as exc:
         stdout.write(f"{exc}\n")
     return True
+
+
+def _lines(stdin: TextIO) -> asyncio.Queue[str]:
+    """Lines from stdin, then "" at EOF. A daemon thread reads them, because a read blocked on a quiet pipe
+    cannot be cancelled: in the default executor it would keep the process alive after SIGTERM."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for line in iter(stdin.readline, ""):
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+            loop.call_soon_threadsafe(queue.put_nowait, "")
+        except RuntimeError:  # the loop is closed: the chat is over
+            pass
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    return queue
