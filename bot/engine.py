@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ BUDGET_NOTICE = (
 )
 ERROR_NOTICE = "Sorry, I couldn't answer that: {error}"
 SHORT_QUERY_WORDS = 6
+ONE_OFF_THREAD = "one-off:"  # the thread of a stored `/ask` exchange, never read back as context
 OUTCOMES = {"length": "cut_off", "content_filter": "content_filter", "error": "error"}
 
 
@@ -82,7 +84,11 @@ class Engine:
     # -- the reply path ------------------------------------------------------------------------------
 
     async def reply(self, incoming: Incoming, *, use_history: bool = True) -> AsyncIterator[str]:
-        """Stream the active persona's answer to `incoming`, after every earlier message in its conversation."""
+        """Stream the active persona's answer to `incoming`, after every earlier message in its conversation.
+
+        `use_history=False` is a one-off (`/ask`): it neither reads the conversation nor joins it; its turns
+        are stored as a conversation of their own, so usage, budgets and export still count them.
+        """
         platform = incoming.key.platform
         began, answered = time.perf_counter(), False
         async with self._turn(incoming.key):
@@ -138,8 +144,9 @@ class Engine:
 
         # The user's turn is queued before the model is called and committed while it thinks, so a failure
         # never loses what they said and the first token never waits on the disk.
+        stored_as = key if use_history else key._replace(thread=f"{ONE_OFF_THREAD}{uuid.uuid4().hex}")
         saved = asyncio.ensure_future(self.history.append(
-            key, "user", incoming.text, author=incoming.user_id, persona=persona.name, tokens=user_tokens))
+            stored_as, "user", incoming.text, author=incoming.user_id, persona=persona.name, tokens=user_tokens))
         try:
             text: list[str] = []
             finish, usage = None, None
@@ -178,7 +185,7 @@ class Engine:
         reply = "".join(text)
         if reply:
             await self.history.append(
-                key, "assistant", reply, author="bot", persona=persona.name,
+                stored_as, "assistant", reply, author="bot", persona=persona.name,
                 tokens=model.count_tokens([{"role": "assistant", "content": reply}]),
                 finish_reason=finish,
                 prompt_tokens=usage.prompt_tokens if usage else 0,

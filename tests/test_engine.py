@@ -95,6 +95,22 @@ async def test_history_is_kept_per_channel(engine, openai_server):
     assert "secret plans" not in str(openai_server.last["messages"])
 
 
+async def test_one_off_answer_is_stored_and_counted_but_never_becomes_context(engine, openai_server):
+    await answer(engine, said("remember the word walrus"))
+    one_off = ""
+    async for piece in engine.reply(said("what is a p-value?"), use_history=False):
+        one_off += piece
+    assert [m["content"] for m in openai_server.last["messages"] if m["role"] == "user"] == ["what is a p-value?"]
+
+    await answer(engine, said("and now?"))
+    sent = str(openai_server.last["messages"])
+    assert "walrus" in sent and "p-value" not in sent
+    with sqlite3.connect(engine.history.path) as db:
+        threads = db.execute("SELECT thread FROM messages WHERE content LIKE '%p-value%'").fetchall()
+    assert len(threads) == 2 and threads[0] == threads[1] and threads[0][0].startswith("one-off:")
+    assert one_off == "echo: what is a p-value?"
+
+
 async def test_history_is_trimmed_to_the_context_window(tmp_path, openai_server):
     persona_dir = tmp_path / "personas"
     shutil.copytree(SHIPPED_PERSONAS, persona_dir)
