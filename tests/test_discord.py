@@ -6,7 +6,9 @@ recording what the handler answered. Modal submissions go through discord.py's o
 """
 from __future__ import annotations
 
+import asyncio
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -15,9 +17,11 @@ import discord.ext.test as dpytest
 import discord.ext.test.backend as dpy_backend
 import pytest
 from discord import app_commands
+from discord.ext.test import callbacks
 
 from bot.config import Settings
 from bot.engine import Engine
+from bot.personas import Persona
 from bot.platforms import discord_reply
 from bot.platforms.discord_bot import create_bot
 from bot.platforms.discord_reply import ReplyStream, conv_key
@@ -339,6 +343,38 @@ async def test_model_failure_edits_reply_into_clear_error(bot, openai_server):
     assert message.startswith("Sorry, I couldn't answer that")
 
 
+async def test_typing_shows_until_the_first_text(bot, openai_server, monkeypatch):
+    monkeypatch.setattr(discord_reply, "TYPING_REFRESH", 0.05)
+    openai_server.script(Reply(text="one two three four five six", delay=0.3, chunk_delay=0.1))
+    events: list[str] = []
+    queue_message = callbacks.get_callback("send_message")
+
+    async def on_typing(channel) -> None:
+        events.append("typing")
+
+    async def on_send(message) -> None:
+        events.append("send")
+        await queue_message(message)
+
+    monkeypatch.setitem(callbacks._callbacks, "send_typing", on_typing)
+    monkeypatch.setitem(callbacks._callbacks, "send_message", on_send)
+
+    await say_to_bot(bot, "take your time")
+
+    first_text = events.index("send")
+    assert first_text >= 2 and set(events[:first_text]) == {"typing"}  # kept up while the model thinks
+    assert "typing" not in events[first_text:]  # and stopped once words show
+
+
+async def test_reply_cut_off_inside_code_block_ends_closed(bot, openai_server):
+    openai_server.script(Reply(text="Here:\n```python\nfor i in range(3):\n    print(i)", finish_reason="length"))
+
+    await say_to_bot(bot, "write a loop")
+
+    (message,) = await bot_messages(channel("general"), bot)
+    assert "print(i)" in message and open_fence_language(message) is None
+
+
 async def test_reply_survives_discord_server_error(bot, openai_server, monkeypatch):
     monkeypatch.setattr(discord_reply, "RETRY_DELAYS", (0.0, 0.0))
     original = bot.http.send_message
@@ -389,6 +425,20 @@ async def test_personabot_admins_can_switch_without_manage_server(bot, engine, o
     await say_to_bot(bot, "disk is full")
 
     assert openai_server.last["messages"][0]["content"] == engine.personas.get("sre").system
+
+
+async def test_admin_slash_commands_are_audited_and_refusals_are_not(bot, engine):
+    await make_admin(member("alice"))
+
+    await slash(bot, "persona set", who="alice", name="comic")
+    await slash(bot, "channel enable", who="alice", where="random")
+    await slash(bot, "persona set", who="bob", name="sre")
+
+    with sqlite3.connect(engine.settings.db_path) as db:
+        rows = db.execute("SELECT user_id, channel, action, detail FROM audit ORDER BY id").fetchall()
+    alice = str(member("alice").id)
+    assert rows == [(alice, str(channel("general").id), "set_persona", "comic"),
+                    (alice, str(channel("random").id), "enable_channel", "")]
 
 
 async def test_persona_autocomplete_offers_matching_names(bot):
@@ -469,6 +519,27 @@ async def test_edit_form_is_prefilled_with_current_persona(bot, engine):
     assert "temperature: 0.9" in answer.modal.extra.default
 
 
+async def test_persona_too_long_for_the_form_is_not_opened_in_one(bot, engine):
+    await make_admin(member("alice"))
+    engine.personas.save(Persona(name="verbose", description="A rambling voice. " * 30, system="You ramble."))
+
+    answer = await slash(bot, "persona edit", who="alice", name="verbose")
+
+    assert answer.modal is None and "edit its YAML file" in answer.text
+
+
+async def test_create_form_does_not_overwrite_persona_saved_meanwhile(bot, engine):
+    await make_admin(member("alice"))
+    started = await slash(bot, "persona create", who="alice", name="pirate")
+    engine.personas.save(Persona(name="pirate", system="Bob's pirate."))
+
+    submitted = FakeInteraction(bot, member("alice"), channel("general"))
+    await submit(started.modal, submitted, system="Alice's pirate.")
+
+    assert "Not saved" in submitted.text
+    assert engine.personas.get("pirate").system == "Bob's pirate."
+
+
 @WITH_KNOWLEDGE
 async def test_admin_uploads_document_and_anyone_can_search_it(bot, tmp_path):
     await make_admin(member("alice"))
@@ -493,6 +564,23 @@ async def test_non_admin_cannot_add_knowledge(bot, engine, tmp_path):
     answer = await slash(bot, "knowledge add", who="bob", file=dpy_backend.make_attachment(document))
 
     assert "Nothing was changed" in answer.text and engine.retriever.collections() == []
+
+
+@WITH_KNOWLEDGE
+async def test_oversized_upload_is_refused_before_download(bot, engine, tmp_path, monkeypatch):
+    await make_admin(member("alice"))
+    engine.retriever.max_upload_bytes = 100
+    document = tmp_path / "handbook.md"
+    document.write_text("# Handbook\n\n" + "Be kind to the on-call engineer. " * 10)
+
+    async def no_download(self, **_: object) -> bytes:
+        raise AssertionError("the attachment was downloaded")
+
+    monkeypatch.setattr(discord.Attachment, "read", no_download)
+    answer = await slash(bot, "knowledge add", who="alice", file=dpy_backend.make_attachment(document))
+
+    assert answer.answers[0].ephemeral and "the limit is" in answer.text and "Nothing was saved" in answer.text
+    assert engine.retriever.collections() == []
 
 
 async def test_knowledge_add_when_disabled_says_not_enabled(bot, tmp_path):
@@ -572,7 +660,9 @@ def test_open_fence_is_closed_while_streaming():
 
 
 async def _pieces(*pieces: str):
+    """Pieces a model streams, with time between them for the reply to be shown in between."""
     for piece in pieces:
+        await asyncio.sleep(0.02)
         yield piece
 
 
@@ -587,7 +677,7 @@ async def test_stream_edits_only_when_text_changed():
     await stream.run(_pieces("Hello", "", "", "", " world"))
 
     assert [m.content for m in sent] == ["Hello world"]
-    assert stream.edits <= 1
+    assert stream.edits == 1  # "Hello" sent, " world" edited in; the empty pieces cost no request
 
 
 async def test_stream_failure_ends_in_words():

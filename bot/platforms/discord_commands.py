@@ -197,7 +197,8 @@ class PersonaCommands(app_commands.Group, name="persona", description="The bot's
             require_admin(incoming_for(self.engine, interaction), "edit personas")
             persona = self.engine.personas.get(name)
             form = PersonaForm(self.engine, name, persona)
-            if any(len(item.default or "") > MODAL_TEXT_LIMIT for item in form.inputs):
+            # Discord refuses a whole form whose prefilled field is longer than that field may be.
+            if any(len(item.default or "") > item.max_length for item in form.inputs):
                 await say(interaction, f"`{name}` is longer than a Discord form holds; edit its YAML file instead.")
                 return
             await interaction.response.send_modal(form)
@@ -214,6 +215,7 @@ class PersonaForm(discord.ui.Modal):
         super().__init__(title=_clip(f"{'Edit' if persona else 'New'} persona: {name}", 45), timeout=30 * 60)
         self.engine = engine
         self.name = name
+        self.creating = persona is None
         extra = ""
         if persona is not None:
             rest = {
@@ -262,11 +264,25 @@ class PersonaForm(discord.ui.Modal):
                 problems = "\n".join(f"- {error}" for error in exc.errors)
                 await say(interaction, f"Not saved; fix these and try again:\n{problems}")
                 return
+            if self.creating and self.name in self.engine.personas.names():
+                # Another admin saved this name while the form was open; theirs is not silently replaced.
+                await say(
+                    interaction, f"Not saved: `{self.name}` was created meanwhile. Use `/persona edit {self.name}`."
+                )
+                return
             path = await self.engine.save_persona(incoming_for(self.engine, interaction), persona)
             await say(
                 interaction,
                 f"Saved **{persona.display_name}** to `{path.name}`. Use it with `/persona set {persona.name}`.",
             )
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        # Without this a failed save (disk full, read-only folder) shows only Discord's generic failure.
+        log.error("persona form failed", exc_info=error)
+        try:
+            await say(interaction, f"Not saved: {type(error).__name__}: {error}")
+        except discord.HTTPException:
+            pass  # the interaction expired; the log has it
 
 
 # -- /knowledge ------------------------------------------------------------------------------------
@@ -287,6 +303,12 @@ class KnowledgeCommands(app_commands.Group, name="knowledge", description="Docum
             require_admin(incoming, "add knowledge")
             if self.engine.retriever is None:
                 raise KnowledgeDisabled()
+            limit = self.engine.retriever.max_upload_bytes
+            if limit is not None and file.size > limit:
+                # Refused before downloading: Discord attachments can be hundreds of MB.
+                await say(interaction, f"Not added: {file.filename} is {file.size / 1e6:.1f} MB; the limit is "
+                                       f"{limit / 1e6:.1f} MB. Nothing was saved.")
+                return
             await interaction.response.defer(ephemeral=True, thinking=True)
             data = await file.read()
             try:

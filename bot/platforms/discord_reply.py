@@ -177,7 +177,7 @@ class ReplyStream:
             while True:
                 changed.clear()
                 finished = done.is_set()
-                await self._show(text or EMPTY_REPLY, finished)
+                await self._show(text or EMPTY_REPLY)
                 if finished:
                     return self.shown
                 await changed.wait()
@@ -185,11 +185,15 @@ class ReplyStream:
         finally:
             consumer.cancel()
 
-    async def _show(self, text: str, final: bool) -> None:
-        """Brings the messages up to date with `text`, one request per interval at most."""
+    async def _show(self, text: str) -> None:
+        """Brings the messages up to date with `text`, one request per interval at most.
+
+        The last message's code block is closed while the reply streams and also once it ends: a reply cut off
+        by the length limit mid-code would otherwise flip from a rendered block to raw backticks on its final
+        edit.
+        """
         parts = split_message(text, DISCORD_LIMIT) or [EMPTY_REPLY]
-        if not final:
-            parts[-1] = close_open_fence(parts[-1])
+        parts[-1] = close_open_fence(parts[-1])
         for index, part in enumerate(parts):
             if index < len(self.messages):
                 if self.shown[index] != part:
