@@ -7,15 +7,17 @@ import asyncio
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from bot.config import Settings
 from bot.conversation import ConvKey
 from bot.engine import Engine
-from bot.platforms.slack_bot import SlackConfigError, create_slack_app, create_web_app, run_slack
+from bot.platforms.slack_bot import SlackBot, SlackConfigError, create_slack_app, create_web_app, run_slack
 from bot.platforms.slack_format import MESSAGE_LIMIT, open_fence, safe_to_send, split_message, to_mrkdwn
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
 from slack_api import APP_TOKEN, BOT_TOKEN, BOT_USER, SIGNING_SECRET, TEAM, FakeSlackApi, SlackApp, sign
@@ -108,6 +110,19 @@ async def test_ask_is_acknowledged_before_a_slow_model_answers(rig):
     assert answers[0]["response_type"] == "in_channel"
     assert "Forty-two" in answers[0]["text"]
     assert rig.api.calls_to("respond/ask")[0].at > acked_at
+
+
+async def test_long_ask_answer_stays_within_five_response_url_replies(rig):
+    code = "\n".join(f"line_{n} = '{'x' * 60}'" for n in range(500))
+    rig.model.script(Reply(text=f"Here it is:\n```\n{code}\n```"))
+    await rig.slack.command("/ask", "tell me everything", response_url=rig.api.response_url("long"))
+    await rig.api.wait_for(lambda: any("cut short" in r["text"] for r in rig.api.responses("long")))
+    await asyncio.sleep(0.2)  # room for a sixth reply, were one to be sent
+
+    replies = [r["text"] for r in rig.api.responses("long")]
+    assert len(replies) == 5 and all(len(text) <= MESSAGE_LIMIT for text in replies)
+    assert replies[-1].endswith("mention me for long answers)_")
+    assert all(open_fence(text) is None for text in replies)  # the notice is not shown as code
 
 
 async def test_non_admin_cannot_switch_persona(rig):
@@ -326,9 +341,15 @@ async def wait_until_serving(session: aiohttp.ClientSession, url: str, server: a
 
 
 async def test_run_slack_in_socket_mode_acks_commands_over_the_socket(config, engine, api, openai_server):
-    config = config.model_copy(update={"slack_app_token": APP_TOKEN, "slack_signing_secret": None})
+    config = config.model_copy(update={"slack_app_token": APP_TOKEN, "slack_signing_secret": None, "port": free_port()})
     client = asyncio.create_task(run_slack(engine, config))
+    url = f"http://127.0.0.1:{config.port}"
     try:
+        async with aiohttp.ClientSession() as session:
+            # The web process stays healthy for the host, but takes no events without a signing secret.
+            await wait_until_serving(session, url, client)
+            async with session.post(f"{url}/slack/events", data=b"{}") as response:
+                assert response.status == 404
         await asyncio.wait_for(api.socket_connected.wait(), 20)
         envelope = await api.push("slash_commands", {
             "command": "/ask", "text": "over the socket", "team_id": TEAM, "channel_id": "C1", "user_id": "U1",
@@ -367,3 +388,55 @@ def test_stream_holds_back_a_mention_that_may_be_incomplete():
     assert safe_to_send("ok <!chan") == 3
     assert safe_to_send("ok @ever") == 3
     assert safe_to_send("ok <https://x.y> done") == len("ok <https://x.y> done")
+    assert safe_to_send("ok <") == 3
+    assert safe_to_send("ok <!here and a < b") == 3
+
+
+def test_stream_does_not_hold_back_a_plain_less_than_sign():
+    assert safe_to_send("if a < b then") == len("if a < b then")
+
+
+def test_split_keeps_inline_code_at_a_line_start_out_of_the_next_piece():
+    text = "```ls -la``` lists the folder.\n\n" + "word " * 1000
+    pieces = split_message(text, 2000)
+
+    assert len(pieces) > 1 and all(len(p) <= 2000 for p in pieces)
+    assert " ".join("".join(pieces).split()) == " ".join(text.split())
+
+
+def test_split_of_an_overlong_fence_line_stays_within_the_limit():
+    pieces = split_message("```" + "a" * 5000, 3900)
+
+    assert all(len(p) <= 3900 for p in pieces)
+
+
+class _Registrations:
+    """Takes bolt's registration calls, to read back what `SlackBot.register` listens to."""
+
+    def __init__(self):
+        self.commands: set[str] = set()
+        self.events: set[str] = set()
+
+    def middleware(self, function):
+        return function
+
+    def command(self, name: str):
+        self.commands.add(name)
+        return lambda listener: listener
+
+    def event(self, name: str):
+        self.events.add(name)
+        return lambda listener: listener
+
+
+async def test_manifest_declares_exactly_the_commands_and_events_the_app_handles(engine):
+    manifest = yaml.safe_load((Path(__file__).resolve().parent.parent / "slack-manifest.yml").read_text())
+    registered = _Registrations()
+    SlackBot(engine).register(registered)
+
+    assert {c["command"] for c in manifest["features"]["slash_commands"]} == registered.commands
+    events = manifest["settings"]["event_subscriptions"]["bot_events"]
+    assert {event.split(".")[0] for event in events} == registered.events
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    needed = {"app_mention": "app_mentions:read", "message.im": "im:history"}
+    assert {needed[event] for event in events} | {"commands", "chat:write"} <= scopes

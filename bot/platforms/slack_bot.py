@@ -104,9 +104,9 @@ def create_slack_app(engine: "Engine", settings: Settings) -> AsyncApp:
     return app
 
 
-def create_web_app(slack_app: AsyncApp) -> web.Application:
-    """`POST /slack/events` (events and slash commands), `GET /healthz` and `GET /metrics`, for the Procfile's
-    web process."""
+def create_web_app(slack_app: AsyncApp | None) -> web.Application:
+    """`GET /healthz` and `GET /metrics` for the host, and `POST /slack/events` (events and slash commands)
+    when Slack talks over HTTP. In Socket Mode there is no signing secret, so that route is left out."""
 
     async def events(request: web.Request) -> web.Response:
         return await to_aiohttp_response(await slack_app.async_dispatch(await to_bolt_request(request)))
@@ -119,30 +119,35 @@ def create_web_app(slack_app: AsyncApp) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
-    app.add_routes([web.post("/slack/events", events), web.get("/healthz", healthz), web.get("/metrics", metrics_text)])
+    app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_text)])
+    if slack_app is not None:
+        app.add_routes([web.post("/slack/events", events)])
     return app
 
 
 async def run_slack(engine: "Engine", settings: Settings) -> None:
-    """Serve Slack until cancelled: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on $PORT."""
+    """Serve Slack until cancelled: Socket Mode when SLACK_APP_TOKEN is set, else events over HTTP. Either
+    way `$PORT` answers `/healthz` and `/metrics`, so the Procfile's web process is healthy in both modes."""
     slack_app = create_slack_app(engine, settings)
-    if settings.slack_app_token:
-        from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
-
-        handler = AsyncSocketModeHandler(slack_app, settings.slack_app_token)
-        try:
-            await handler.connect_async()
-            log.info("Slack: connected in Socket Mode")
-            await asyncio.Event().wait()
-        finally:
-            await handler.close_async()
-        return
-    runner = web.AppRunner(create_web_app(slack_app), access_log=None)
+    socket_mode = bool(settings.slack_app_token)
+    runner = web.AppRunner(create_web_app(None if socket_mode else slack_app), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", settings.port).start()
-    log.info("Slack: listening on port %d (POST /slack/events, GET /healthz, GET /metrics)", settings.port)
+    log.info("Slack: listening on port %d (%s)", settings.port,
+             "GET /healthz, GET /metrics" if socket_mode else "POST /slack/events, GET /healthz, GET /metrics")
     try:
-        await asyncio.Event().wait()
+        if socket_mode:
+            from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+
+            handler = AsyncSocketModeHandler(slack_app, settings.slack_app_token)
+            try:
+                await handler.connect_async()
+                log.info("Slack: connected in Socket Mode")
+                await asyncio.Event().wait()
+            finally:
+                await handler.close_async()
+        else:
+            await asyncio.Event().wait()
     finally:
         await runner.cleanup()
 
@@ -208,7 +213,8 @@ class SlackBot:
         if len(parts) > RESPONSE_URL_LIMIT:
             notice = "\n_(cut short: a slash command gets five messages at most; mention me for long answers)_"
             parts = parts[:RESPONSE_URL_LIMIT]
-            parts[-1] = parts[-1][: MESSAGE_LIMIT - len(notice)] + notice
+            # Cut at a break with any code block closed, so the notice is not swallowed into a code block.
+            parts[-1] = split_message(parts[-1], MESSAGE_LIMIT - len(notice))[0] + notice
         for part in parts:
             await respond(text=part, response_type="in_channel", replace_original=False)
 
@@ -229,7 +235,7 @@ class SlackBot:
             try:
                 persona = self.engine.personas.get(args[1]) if len(args) == 2 else active
             except UnknownPersona as exc:
-                await respond(to_mrkdwn(str(exc).capitalize()))
+                await respond(to_mrkdwn(str(exc)[0].upper() + str(exc)[1:]))
                 return
             await respond(_describe(persona, active=persona.name == active.name))
         elif action == "set" and len(args) == 2:

@@ -22,7 +22,9 @@ _SPECIAL_MENTION = re.compile(r"<!(channel|here|everyone)(?:\|[^>]*)?>", re.IGNO
 _GROUP_MENTION = re.compile(r"<!subteam\^[A-Z0-9]+(?:\|@?([^>]*))?>", re.IGNORECASE)
 _PLAIN_MENTION = re.compile(r"@(channel|here|everyone)\b", re.IGNORECASE)
 _LINK = re.compile(r"<(?:https?://|mailto:)[^<>\s|]+(?:\|[^<>]*)?>")
-_FENCE = re.compile(r"^\s*```", re.MULTILINE)
+# CommonMark: a fence line is ``` plus an info string without backticks, so "```ls -la``` lists" is inline code.
+_FENCE = re.compile(r"^[ \t]*```([^`\n]*)$", re.MULTILINE)
+_LANGUAGE = re.compile(r"[\w+#.-]{1,30}")
 
 
 def defuse_mentions(text: str) -> str:
@@ -64,13 +66,14 @@ def from_slack(text: str, bot_user_id: str | None = None) -> str:
 
 
 def open_fence(text: str) -> str | None:
-    """The opening line of a code block left open at the end of `text`, if any."""
-    fences = [m.start() for m in _FENCE.finditer(text)]
+    """The fence that reopens a code block left open at the end of `text`, if any."""
+    fences = list(_FENCE.finditer(text))
     if len(fences) % 2 == 0:
         return None
-    start = fences[-1]
-    end = text.find("\n", start)
-    return text[start:end if end != -1 else len(text)].strip()
+    # Only the language comes along: the rest of an opening line was shown already, and may be long enough to
+    # leave a continuation no room at all.
+    language = _LANGUAGE.match(fences[-1].group(1).strip())
+    return "```" + (language.group() if language else "")
 
 
 def _cut(text: str, limit: int) -> int:
@@ -105,8 +108,11 @@ def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
 
 
 def safe_to_send(text: str) -> int:
-    """How much of streamed `text` can go out now without cutting a `<!…>` or `@here` that may yet complete."""
-    lt = text.rfind("<")
+    """How much of streamed `text` can go out now without cutting a `<!…>` or `@here` that may yet complete.
+
+    Only a `<` that may still become `<!…>` is held: a plain one ("if a < b") would stall the stream to the end.
+    """
+    lt = max(text.rfind("<!"), len(text) - 1 if text.endswith("<") else -1)
     if lt != -1 and ">" not in text[lt:]:
         return lt
     at = text.rfind("@")
