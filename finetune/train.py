@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     EarlyStoppingCallback,
@@ -139,6 +140,18 @@ def _context(model: Any, tokenizer: Any, wanted: int | None) -> int:
     return min(context, wanted) if wanted else context
 
 
+def _load_base(base: str) -> Any:
+    """The base in float32 whatever dtype it was saved in (a float16 base such as the pulled SmolLM2 would
+    otherwise train in pure half precision; mixed precision comes from TrainingArguments). A folder written by
+    an earlier `models pull` still says its weights are GGUF-quantized although they are plain, and Trainer
+    refuses to fine-tune a model it believes quantized, so that stale setting is dropped."""
+    config = AutoConfig.from_pretrained(base)
+    quantization = getattr(config, "quantization_config", None)
+    if Path(base).is_dir() and isinstance(quantization, dict) and quantization.get("quant_method") == "gguf":
+        del config.quantization_config
+    return AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32)
+
+
 def _precision() -> dict[str, bool]:
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported(), "fp16": not torch.cuda.is_bf16_supported()}
@@ -251,7 +264,7 @@ def run(config: FinetuneConfig, settings: Settings, callbacks: list[TrainerCallb
     set_seed(config.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base)
+        model = _load_base(base)
     except (OSError, ValueError) as exc:
         raise FinetuneError(f"cannot load base model {config.base!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from typer.testing import CliRunner
@@ -242,6 +243,21 @@ def test_lora_run_saves_a_merged_model_that_loads_with_from_pretrained(tmp_path,
     assert not (out / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "GPT2LMHeadModel" and meta["eval_loss_after"] < meta["eval_loss_before"]
+
+
+def test_float16_base_left_marked_gguf_quantized_by_an_earlier_pull_trains_in_float32(tmp_path, settings, tiny_base,
+                                                                                    chat_data):
+    pulled = tmp_path / "pulled"
+    AutoModelForCausalLM.from_pretrained(tiny_base).half().save_pretrained(pulled)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(pulled)
+    model_config = json.loads((pulled / "config.json").read_text())
+    model_config["quantization_config"] = {"quant_method": "gguf", "dequantize": False, "gguf_file": "tiny.gguf"}
+    (pulled / "config.json").write_text(json.dumps(model_config))
+
+    meta = run(config(tmp_path, pulled, chat_data, max_steps=2), settings)
+
+    assert meta["steps"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.float32
 
 
 def test_cli_trains_a_persona_on_its_examples_into_the_models_dir(tmp_path, settings, tiny_base, monkeypatch):

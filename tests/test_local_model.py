@@ -128,6 +128,33 @@ async def test_batched_greedy_replies_equal_replies_generated_alone(model):
     assert model.worker.steps - steps_before < solo_steps  # they really shared forward passes
 
 
+async def test_repetition_penalty_in_the_generation_config_is_applied_like_generate(tiny_dir, tmp_path, model):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "penalised")
+    config = GenerationConfig.from_model_config(model.model.config)
+    config.repetition_penalty = 1.8
+    config.save_pretrained(folder)
+    penalised = LocalChatModel.load(str(folder), tmp_path)
+    prompts = [user(c[0]["content"]) for c in conversations()[:2]]
+    prompts[1] += [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Go on."}]  # longer
+    try:
+        expected = []
+        for messages in prompts:
+            ids = penalised.prompt_ids(messages)
+            out = penalised.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):]
+            expected.append(penalised.tokenizer.decode(out, skip_special_tokens=True))
+        alone = [text(await collect(penalised, m)) for m in prompts]
+        together = await asyncio.gather(*(collect(penalised, m) for m in prompts))
+        unpenalised = [text(await collect(model, m)) for m in prompts]
+    finally:
+        penalised.close()
+    assert alone == expected and [text(c) for c in together] == expected
+    assert expected != unpenalised  # the penalty changed the replies, or the comparison proves nothing
+
+
 async def test_abandoned_stream_leaves_the_batch(model):
     stream = model.stream(user("Hello!"), GenParams(temperature=0, max_tokens=200))
     await anext(stream)
@@ -229,10 +256,15 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, Path]:
 
 async def test_gguf_conversion_gives_a_model_folder_that_answers_like_the_original(tiny_gguf, tmp_path):
     folder, gguf_file = tiny_gguf
-    converted = convert_gguf(gguf_file, tmp_path / "models" / "converted", {"source": "test", "base": "tiny"})
+    converted = convert_gguf(gguf_file, tmp_path / "models" / "converted", {"source": "test", "base": "tiny"},
+                             repetition_penalty=1.1)
     assert json.loads((converted / CARD).read_text()) == {"source": "test", "base": "tiny"}
+    # The weights are plain now; a config still saying "GGUF-quantized" makes Trainer refuse to fine-tune them.
+    assert "quantization_config" not in json.loads((converted / "config.json").read_text())
+    assert json.loads((converted / "generation_config.json").read_text())["repetition_penalty"] == 1.1
     messages = user(conversations()[1][0]["content"])
     replies = []
+    (converted / "generation_config.json").unlink()  # compare like with like: the originals have no penalty
     for source in (str(folder), "converted", str(gguf_file)):
         chat = LocalChatModel.load(source, tmp_path / "models")
         try:

@@ -94,6 +94,7 @@ class Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     generated: int = 0
+    output_ids: list[int] = field(default_factory=list)  # what the repetition penalty sees besides the prompt
     position: int = 0  # the position id of the next token fed to the model
     next_token: int = -1  # sampled but not yet in the KV cache
 
@@ -107,8 +108,10 @@ class Request:
 class BatchWorker:
     """The thread that owns a model and serves every request to it in one shared batch."""
 
-    def __init__(self, model, stop_ids: set[int], context_window: int, *, max_batch: int = 8, max_waiting: int = 32):
+    def __init__(self, model, stop_ids: set[int], context_window: int, *, max_batch: int = 8, max_waiting: int = 32,
+                 repetition_penalty: float = 1.0):
         self.model = model
+        self.repetition_penalty = repetition_penalty
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); older releases lack it.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.stop_ids = stop_ids
@@ -226,10 +229,12 @@ class BatchWorker:
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token with its own settings and stream what it adds to the reply."""
-        tokens = sample(logits, rows).tolist()
+        tokens = sample(logits, rows, self.repetition_penalty).tolist()
         window = self.context_window
         for r, token in zip(rows, tokens):
             r.next_token, r.generated = token, r.generated + 1
+            if self.repetition_penalty != 1.0:
+                r.output_ids.append(token)
             finish = None
             piece = ""
             if token in self.stop_ids:
@@ -277,6 +282,17 @@ class BatchWorker:
         self._active = [self._active[i] for i in keep]
 
 
+def penalize_repeats(logits: torch.Tensor, rows: list[Request], penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as transformers' `RepetitionPenaltyLogitsProcessor` applies it: every token
+    already in the row's prompt or reply has its logit divided by `penalty` (multiplied where negative)."""
+    seen = [r.prompt_ids + r.output_ids for r in rows]
+    width = max(map(len, seen))
+    # Short rows are padded with a token they already hold: a repeated index gets the same value written twice.
+    index = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in seen], device=logits.device)
+    picked = logits.gather(1, index)
+    return logits.scatter(1, index, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
 def _close_at_exit(worker: weakref.ref[BatchWorker]) -> None:
     if (alive := worker()) is not None:
         alive.close()
@@ -291,9 +307,12 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def sample(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
-    """Next token per row: argmax where temperature is 0, else temperature + nucleus (top-p) sampling."""
+def sample(logits: torch.Tensor, rows: list[Request], repetition_penalty: float = 1.0) -> torch.Tensor:
+    """Next token per row: argmax where temperature is 0, else temperature + nucleus (top-p) sampling, after the
+    repetition penalty (applied first, as `generate` applies it)."""
     logits = logits.float()
+    if repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, rows, repetition_penalty)
     greedy = logits.argmax(dim=-1)
     if all(r.params.temperature <= 0 for r in rows):
         return greedy

@@ -45,8 +45,11 @@ class LocalChatModel:
         self._stops: tuple[str, ...] = () if self.uses_chat_template else tuple(
             "\n" + header.rstrip("\n") for header in chat_format.ROLE_HEADER.values())
         self._specials = [t for t in tokenizer.all_special_tokens if t]
+        # The model's own generation config may ask for a repetition penalty (`models pull smollm2` sets one);
+        # honouring it keeps replies the same as `model.generate` gives.
+        penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None) or 1.0
         self.worker = BatchWorker(model, _stop_ids(model, tokenizer), self.context_window,
-                                  max_batch=max_batch, max_waiting=max_waiting)
+                                  max_batch=max_batch, max_waiting=max_waiting, repetition_penalty=penalty)
 
     @classmethod
     def load(cls, source: str, models_dir: Path, **kwargs) -> LocalChatModel:

