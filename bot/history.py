@@ -287,19 +287,16 @@ class HistoryStore:
             for p, w, c, persona, day, prompt, completion in rows
         ]
 
-    async def export(self, platform: str | None = None, channel: str | None = None) -> AsyncIterator[dict]:
+    async def export(self, platform: str | None = None, channel: str | None = None,
+                     persona: str | None = None) -> AsyncIterator[dict]:
         """Each stored conversation (one context of one key) that the bot answered, as `{"messages": [...]}`.
 
         That is the OpenAI chat fine-tuning format; turns after the last reply are left out because a
         trainer learns only from assistant turns.
         """
-        where, params = [], []
-        if platform is not None:
-            where.append("platform = ?")
-            params.append(platform)
-        if channel is not None:
-            where.append("channel = ?")
-            params.append(channel)
+        filters = {"platform": platform, "channel": channel, "persona": persona}
+        where = [f"{column} = ?" for column, value in filters.items() if value is not None]
+        params = [value for value in filters.values() if value is not None]
         sql = (
             "SELECT platform, workspace, channel, thread, context, role, content FROM messages"
             + (" WHERE " + " AND ".join(where) if where else "")

@@ -221,8 +221,9 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int, rep
     )
 
 
-async def history_examples(db_path: Path, report: DataReport, platform: str | None = None, channel: str | None = None) -> list[Example]:
-    """Stored conversations, read through the same export `personabot history export` writes."""
+async def history_examples(db_path: Path, report: DataReport, persona: str | None = None) -> list[Example]:
+    """Stored conversations (only those held with `persona`, when given), read through the same export
+    `personabot history export` writes."""
     from bot.history import HistoryStore
 
     if not Path(db_path).exists():
@@ -230,7 +231,7 @@ async def history_examples(db_path: Path, report: DataReport, platform: str | No
         return []
     store = await HistoryStore.open(db_path)
     try:
-        rows = [(f"history #{i + 1}", row) async for i, row in _aenumerate(store.export(platform=platform, channel=channel))]
+        rows = [(f"history #{i + 1}", row) async for i, row in _aenumerate(store.export(persona=persona))]
     finally:
         await store.close()
     return conversations_from_rows(rows, report, "history")

@@ -300,6 +300,24 @@ def test_history_export_filters_by_platform(cli, tmp_path, db_path):
     ]
 
 
+def test_history_export_filters_by_persona(cli, tmp_path, db_path):
+    async def seed():
+        store = await HistoryStore.open(db_path)
+        await chat(store, CHAN, ("Joke?", "A p-value walks into a bar."))
+        await store.reset(CHAN)
+        await store.append(CHAN, "user", "Is the pager quiet?", persona="sre")
+        await store.append(CHAN, "assistant", "Quiet. Too quiet.", persona="sre", finish_reason="stop")
+        await store.close()
+
+    asyncio.run(seed())
+    result = cli("history", "export", "--persona", "sre", "--out", str(tmp_path / "sre.jsonl"))
+
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["messages"] for line in (tmp_path / "sre.jsonl").read_text().splitlines()] == [
+        [{"role": "user", "content": "Is the pager quiet?"}, {"role": "assistant", "content": "Quiet. Too quiet."}],
+    ]
+
+
 def test_history_export_without_a_database_says_so(cli, tmp_path):
     result = cli("history", "export", "--out", str(tmp_path / "x.jsonl"))
 

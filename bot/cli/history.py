@@ -23,11 +23,12 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="JSONL file to write; `-` for stdout.")],
     platform: Annotated[Optional[str], typer.Option(help="Only this platform (discord, slack, terminal).")] = None,
     channel: Annotated[Optional[str], typer.Option(help="Only this channel id.")] = None,
+    persona: Annotated[Optional[str], typer.Option(help="Only conversations held with this persona.")] = None,
 ) -> None:
     """Write stored conversations as OpenAI chat fine-tuning JSONL (what `finetune --data` reads)."""
     db_path = _existing_db()
     if str(out) == "-":
-        count = asyncio.run(_export(db_path, sys.stdout, platform, channel))
+        count = asyncio.run(_export(db_path, sys.stdout, platform, channel, persona))
         typer.echo(f"Wrote {count} conversations.", err=True)
         return
     # Written beside the target and renamed at the end, so a failure never leaves half a file behind.
@@ -35,19 +36,19 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with partial.open("w", encoding="utf-8") as f:
-            count = asyncio.run(_export(db_path, f, platform, channel))
+            count = asyncio.run(_export(db_path, f, platform, channel, persona))
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     typer.echo(f"Wrote {count} conversations to {out}.")
 
 
-async def _export(db_path: Path, f, platform: str | None, channel: str | None) -> int:  # type: ignore[no-untyped-def]
+async def _export(db_path: Path, f, platform: str | None, channel: str | None, persona: str | None) -> int:  # type: ignore[no-untyped-def]
     store = await HistoryStore.open(db_path)
     count = 0
     try:
         with tqdm(desc="conversations", unit="conv", disable=None, file=sys.stderr) as progress:
-            async for conversation in store.export(platform=platform, channel=channel):
+            async for conversation in store.export(platform=platform, channel=channel, persona=persona):
                 f.write(json.dumps(conversation, ensure_ascii=False) + "\n")
                 count += 1
                 progress.update()
