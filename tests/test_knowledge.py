@@ -196,6 +196,32 @@ async def test_chunks_fit_the_model_and_remember_their_heading(embedder, retriev
     assert "word0 " in joined and "word899" in joined and "line 299 = value" in joined
 
 
+async def test_consecutive_chunks_of_a_section_overlap(retriever):
+    paragraphs = [f"Paragraph {n} opens here. " + f"Its body number {n} goes on for a while. " * 6 +
+                  f"Paragraph {n} closes with marker{n}." for n in range(12)]  # each longer than the overlap
+    chunker = retriever._chunker_for()
+
+    chunks = chunker.split(parse("notes.md", ("# Notes\n\n" + "\n\n".join(paragraphs)).encode()))
+
+    assert len(chunks) >= 3 and {c.locator for c in chunks} == {"Notes"}
+    for before, after in zip(chunks, chunks[1:]):
+        carried = after.text.split("\n\n")[0]
+        assert before.text.endswith(carried) and 0 < chunker.count([carried])[0] <= chunker.overlap
+
+
+async def test_grounding_block_stays_within_its_token_budget(retriever, embedder):
+    sections = "".join(f"## Holiday rule {n}\n\nHoliday rule {n}: employees get paid holiday days as "
+                       f"described in clause {n}. " + "Paid holiday is planned with the team lead. " * 8 + "\n\n"
+                       for n in range(10))
+    await retriever.add_upload("holidays.md", f"# Holidays\n\n{sections}".encode(), "handbook")
+
+    grounding = await retriever.ground("How many paid holiday days do employees get?", ["handbook"],
+                                       budget_tokens=400)
+
+    assert len(grounding.hits) >= 2
+    assert len(embedder.tokenizer(grounding.system_block, add_special_tokens=False)["input_ids"]) <= 400
+
+
 async def test_pdf_chunks_cite_their_page(retriever, settings):
     filler = " Visitors sign in at the front desk and wear a badge." * 16
     pdf = pdf_with_pages(["The cafeteria opens at eight." + filler, "The rooftop garden closes at sunset in winter." + filler])

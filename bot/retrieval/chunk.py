@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bot.retrieval.parse import Block, Document
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+# Bump whenever the same file would be cut differently, so existing indexes re-chunk on the next sync.
+VERSION = 3
 
 
 class Tokenizer(Protocol):
@@ -44,6 +46,7 @@ class _Piece:
     start: int
     end: int
     sep: str  # joins it to the piece before
+    carried: bool = False  # overlap from the chunk before: context, not what the chunk's locator points at
 
 
 class Chunker:
@@ -63,11 +66,6 @@ class Chunker:
         self.max_tokens = max_tokens
         self.chunk_tokens = min(chunk_tokens, max_tokens)
         self.overlap = overlap
-
-    @property
-    def signature(self) -> str:
-        """Changes whenever the same file would be cut differently, so the index knows to re-chunk."""
-        return f"chunker-2:{self.chunk_tokens}:{self.overlap}:{self.max_tokens}"
 
     def _encode(self, texts: list[str]) -> list[tuple[int, list[tuple[int, int]]]]:
         """(token count, character offsets) per text; through the Rust tokenizer when there is one, which is
@@ -114,13 +112,7 @@ class Chunker:
         for piece in pieces:
             if current and size + piece.tokens > budget:
                 out.append(self._join(current))
-                carried: list[_Piece] = []
-                kept = 0
-                for previous in reversed(current):
-                    if kept + previous.tokens > self.overlap:
-                        break
-                    carried.insert(0, previous)
-                    kept += previous.tokens
+                carried, kept = self._carried(current)
                 if kept + piece.tokens > budget:
                     carried, kept = [], 0
                 current, size = carried, kept
@@ -130,10 +122,48 @@ class Chunker:
             out.append(self._join(current))
         return out
 
+    def _carried(self, pieces: list[_Piece]) -> tuple[list[_Piece], int]:
+        """The overlap a chunk hands to the next: whole trailing pieces when they fit in `overlap` tokens,
+        otherwise the tail of the last piece (its closing sentences, or failing that its last words), since
+        paragraphs are usually longer than the overlap and a fact cut at a boundary must survive in one chunk."""
+        carried: list[_Piece] = []
+        kept = 0
+        for previous in reversed(pieces):
+            if kept + previous.tokens > self.overlap:
+                break
+            carried.insert(0, replace(previous, carried=True))
+            kept += previous.tokens
+        if carried or self.overlap <= 0:
+            return carried, kept
+        last = pieces[-1]
+        tail = self._tail(last.text)
+        if not tail:
+            return [], 0
+        tokens = self.count([tail])[0]
+        return [_Piece(tail, tokens, last.end, last.end, last.sep, carried=True)], tokens
+
+    def _tail(self, text: str) -> str:
+        sentences = [s for s in _SENTENCE.split(text) if s.strip()]
+        kept: list[str] = []
+        size = 0
+        for sentence, tokens in zip(reversed(sentences), reversed(self.count(sentences))):
+            if size + tokens > self.overlap:
+                break
+            kept.insert(0, sentence)
+            size += tokens
+        if kept:
+            return " ".join(kept)
+        offsets = self._encode([text])[0][1]
+        first = max(0, len(offsets) - self.overlap)
+        while 0 < first < len(offsets) and offsets[first][0] == offsets[first - 1][1]:
+            first += 1  # start at a word, not inside one
+        return text[offsets[first][0] :] if first < len(offsets) else ""
+
     @staticmethod
     def _join(pieces: list[_Piece]) -> tuple[str, int, int]:
         text = pieces[0].text + "".join(p.sep + p.text for p in pieces[1:])
-        return text, min(p.start for p in pieces), max(p.end for p in pieces)
+        located = [p for p in pieces if not p.carried] or pieces
+        return text, min(p.start for p in located), max(p.end for p in located)
 
     def _split_long(self, block: Block, budget: int, by_line: bool) -> list[_Piece]:
         """Lines, then sentences, then token windows: the coarsest cut that fits keeps the most meaning."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bot.retrieval import chunk as chunking
 from bot.retrieval import search as ranking
 from bot.retrieval.chunk import Chunk, Chunker
 from bot.retrieval.embed import Embedder
@@ -72,7 +73,7 @@ class Retriever:
         self._indexes: dict[str, VectorIndex] = {}
         self._index_lock = threading.Lock()  # FAISS indexes are not safe to search while they change
         self._sync_lock = asyncio.Lock()
-        self._config = f"{embedder.name}|{CHUNK_TOKENS}|{OVERLAP_TOKENS}|2"
+        self._config = f"{embedder.name}|{CHUNK_TOKENS}|{OVERLAP_TOKENS}|{chunking.VERSION}"
 
     @classmethod
     async def open(cls, settings, *, embedder: Embedder | None = None, progress: bool = False) -> "Retriever":
@@ -108,12 +109,16 @@ class Retriever:
         """Passages for the system message, or an instruction to admit having no source; None without collections."""
         if not collections:
             return None
-        hits = await self.search(query, collections, GROUNDING_CANDIDATES)
+        return await asyncio.to_thread(self._ground, query, collections, budget_tokens or self.budget_tokens)
+
+    def _ground(self, query: str, collections: list[str], budget_tokens: int) -> Grounding:
+        hits = self._search(query, collections, GROUNDING_CANDIDATES)
         kept = [hit for hit in hits if ranking.relevant(hit, self.min_similarity)]
-        return ranking.build(kept, collections, budget_tokens or self.budget_tokens)
+        return ranking.build(kept, collections, budget_tokens, lambda texts: self._chunker_for().count(texts))
 
     def _search(self, query: str, collections: list[str] | None, k: int, mode: str = "hybrid") -> list[Hit]:
-        wanted = [c for c in (self._indexes if collections is None else collections) if c in self._indexes]
+        with self._index_lock:  # a sync thread may be adding or dropping collections
+            wanted = [c for c in (list(self._indexes) if collections is None else collections) if c in self._indexes]
         if not wanted or not query.strip():
             return []
         pool = max(4 * k, 40)
@@ -121,8 +126,8 @@ class Retriever:
         dense: list[tuple[int, float]] = []
         if mode != "lexical":
             with self._index_lock:
-                for name in wanted:
-                    dense.extend(self._indexes[name].search(vector, pool))
+                for index in filter(None, map(self._indexes.get, wanted)):
+                    dense.extend(index.search(vector, pool))
             dense.sort(key=lambda pair: -pair[1])
             dense = dense[:pool]
         lexical = self.store.lexical(query, wanted, pool) if mode != "dense" else []
@@ -172,10 +177,16 @@ class Retriever:
     def _sync(self) -> SyncReport:
         report = SyncReport()
         fresh = self.store.get_meta("config") == self._config
+        touched: set[str] = set()
         if not fresh and self.store.get_meta("model") not in (None, self.embedder.name):
             log.warning("embedding model changed to %s: re-embedding all knowledge", self.embedder.name)
+            touched.update(self.store.collections())
             for source in self.store.files():
                 self.store.remove(source)
+            # The new model's vectors may have another width: indexes of the old one cannot take them.
+            with self._index_lock:
+                self._indexes.clear()
+            self.store.set_meta("dim", str(self.embedder.dim))
         manifest = self.store.files()
         on_disk = self._scan(report)
         work: list[tuple[FileEntry, bytes, bool]] = []
@@ -197,7 +208,6 @@ class Retriever:
                 continue
             entry = FileEntry(source, collection, digest, stat.st_size, stat.st_mtime_ns, 0)
             work.append((entry, data, known is not None))
-        touched: set[str] = set()
         for source in manifest.keys() - on_disk.keys():
             self.store.remove(source)
             report.removed.append(source)
@@ -328,29 +338,37 @@ class Retriever:
     # -- admin actions -------------------------------------------------------------------------------
 
     async def add_upload(self, filename: str, data: bytes, collection: str, *, limit: bool = True) -> str:
-        """Saves and indexes one upload; returns what happened, for the uploader. Raises UploadRefused."""
+        """Saves and indexes one upload; returns what happened, for the uploader. Raises UploadRefused.
+
+        Checking parses the whole file (a PDF can take seconds), so it runs in a thread like the rest."""
         collection = safe_collection(collection)
-        name = check(filename, data, self.max_upload_bytes if limit else None)
+        name = await asyncio.to_thread(check, filename, data, self.max_upload_bytes if limit else None)
+        async with self._sync_lock:
+            return await asyncio.to_thread(self._add_upload, name, data, collection)
+
+    def _add_upload(self, name: str, data: bytes, collection: str) -> str:
         digest = hashlib.sha256(data).hexdigest()
         source = f"{collection}/{name}"
-        async with self._sync_lock:
-            await asyncio.to_thread(self._sync)
-            same = [f.source for f in self.store.files().values() if f.sha256 == digest]
-            if same:
-                raise UploadRefused(f"That file is already in the knowledge base as {same[0]}. Nothing was saved.")
-            target = self._inside(source)
-            replaced = target.exists()
-            await asyncio.to_thread(_write_atomically, target, data)
-            try:
-                report = await asyncio.to_thread(self._sync)
-            except BaseException:
-                if not replaced:
-                    target.unlink(missing_ok=True)
-                raise
+        self._sync()
+        same = [f.source for f in self.store.files().values() if f.sha256 == digest]
+        if same:
+            raise UploadRefused(f"That file is already in the knowledge base as {same[0]}. Nothing was saved.")
+        target = self._inside(source)
+        replaced = target.exists()
+        _write_atomically(target, data)
+        try:
+            report = self._sync()
+        except BaseException:
+            if not replaced:
+                target.unlink(missing_ok=True)
+            raise
         entry = self.store.files().get(source)
         if entry is None:
             reason = dict(report.skipped).get(source, "it could not be indexed")
-            raise UploadRefused(f"{name} was not indexed: {reason}.")
+            if replaced:
+                raise UploadRefused(f"{name} was saved but not indexed: {reason}.")
+            target.unlink(missing_ok=True)
+            raise UploadRefused(f"{name} was not indexed: {reason}. Nothing was saved.")
         verb = "Replaced" if replaced else "Added"
         return (f"{verb} {name} in collection '{collection}': {entry.chunks} chunk{'s' * (entry.chunks != 1)} "
                 f"indexed ({report.embedded} newly embedded).")
@@ -358,37 +376,41 @@ class Retriever:
     async def add_files(self, paths: list[Path], collection: str) -> tuple[list[str], SyncReport]:
         """`knowledge add`: copies files (folders recursively) into the collection, then syncs once."""
         collection = safe_collection(collection)
-        notes: list[str] = []
         async with self._sync_lock:
-            hashes = {f.sha256: f.source for f in self.store.files().values()}
-            for path in _expand(paths):
-                try:
-                    data = path.read_bytes()
-                    name = check(path.name, data, None)
-                except (UploadRefused, OSError) as exc:
-                    notes.append(f"refused {path}: {exc}")
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                if digest in hashes:
-                    notes.append(f"skipped {path}: already in the knowledge base as {hashes[digest]}")
-                    continue
-                target = self._inside(f"{collection}/{name}")
-                if path.resolve() != target.resolve():
-                    await asyncio.to_thread(_write_atomically, target, data)
-                hashes[digest] = f"{collection}/{name}"
-            report = await asyncio.to_thread(self._sync)
-        return notes, report
+            return await asyncio.to_thread(self._add_files, paths, collection)
+
+    def _add_files(self, paths: list[Path], collection: str) -> tuple[list[str], SyncReport]:
+        notes: list[str] = []
+        hashes = {f.sha256: f.source for f in self.store.files().values()}
+        for path in _expand(paths):
+            try:
+                data = path.read_bytes()
+                name = check(path.name, data, None)
+            except (UploadRefused, OSError) as exc:
+                notes.append(f"refused {path}: {exc}")
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in hashes:
+                notes.append(f"skipped {path}: already in the knowledge base as {hashes[digest]}")
+                continue
+            target = self._inside(f"{collection}/{name}")
+            if path.resolve() != target.resolve():
+                _write_atomically(target, data)
+            hashes[digest] = f"{collection}/{name}"
+        return notes, self._sync()
 
     async def remove(self, source: str) -> bool:
         """Deletes the document from the folder and the index; False when no such source exists."""
         async with self._sync_lock:
-            path = self._inside(source)
-            known = source in self.store.files()
-            if not (known or path.is_file()):
-                return False
-            path.unlink(missing_ok=True)
-            await asyncio.to_thread(self._sync)
-            return True
+            return await asyncio.to_thread(self._remove, source)
+
+    def _remove(self, source: str) -> bool:
+        path = self._inside(source)
+        if not (source in self.store.files() or path.is_file()):
+            return False
+        path.unlink(missing_ok=True)
+        self._sync()
+        return True
 
     def _inside(self, source: str) -> Path:
         root = self.knowledge_dir.resolve()

@@ -160,9 +160,13 @@ class Store:
     @_locked
     def remove(self, source: str) -> None:
         self.db.execute("BEGIN")
-        self.db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-        self.db.execute("DELETE FROM files WHERE source = ?", (source,))
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("DELETE FROM chunks WHERE source = ?", (source,))
+            self.db.execute("DELETE FROM files WHERE source = ?", (source,))
+            self.db.execute("COMMIT")
+        except BaseException:  # an open transaction would make every later BEGIN on this connection fail
+            self.db.execute("ROLLBACK")
+            raise
 
     @_locked
     def ids(self, collection: str) -> np.ndarray:
