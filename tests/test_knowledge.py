@@ -2,6 +2,7 @@
 documents each test writes."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -319,3 +320,23 @@ def pdf_with_pages(texts: list[str]) -> bytes:
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
+
+
+async def test_close_waits_for_a_cancelled_sync_so_its_work_is_kept(settings, embedder):
+    folder = settings.knowledge_dir / "handbook"
+    folder.mkdir(parents=True)
+    for n in range(40):
+        (folder / f"policy-{n}.md").write_text(f"# Policy {n}\n\n" + f"Rule {n} applies to every team. " * 60)
+    retriever = await Retriever.open(settings, embedder=embedder)
+    sync = asyncio.create_task(retriever.sync())
+    await asyncio.sleep(0.3)  # the embedding thread is busy now
+
+    sync.cancel()
+    await retriever.close()  # must wait for the thread, not close the store under it
+
+    assert sync.cancelled()
+    reopened = await Retriever.open(settings, embedder=embedder)
+    try:  # no sync here: what is indexed is what the cancelled one finished
+        assert {source for source, *_ in reopened.files("handbook")} == {f"handbook/policy-{n}.md" for n in range(40)}
+    finally:
+        await reopened.close()

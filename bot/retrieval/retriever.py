@@ -11,8 +11,10 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -26,6 +28,8 @@ from bot.retrieval.search import Grounding, Hit
 from bot.retrieval.store import FileEntry, Store
 from bot.retrieval.uploads import DEFAULT_MAX_BYTES, UploadRefused, check, safe_collection
 from bot.retrieval.vectors import VectorIndex
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +157,18 @@ class Retriever:
     # -- keeping the index in step with the folder ---------------------------------------------------
 
     async def sync(self) -> SyncReport:
+        return await self._exclusive(self._sync)
+
+    async def _exclusive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an index-changing job in a thread, one at a time. A thread cannot be stopped, so a cancelled
+        caller still holds the lock until the job ends: `close()` then never pulls the store from under it."""
         async with self._sync_lock:
-            return await asyncio.to_thread(self._sync)
+            job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                await asyncio.wait([job])
+                raise
 
     async def watch(self, stop_event: asyncio.Event) -> None:
         """Syncs now, then after every change under the knowledge folder until stop_event is set."""
@@ -343,8 +357,7 @@ class Retriever:
         Checking parses the whole file (a PDF can take seconds), so it runs in a thread like the rest."""
         collection = safe_collection(collection)
         name = await asyncio.to_thread(check, filename, data, self.max_upload_bytes if limit else None)
-        async with self._sync_lock:
-            return await asyncio.to_thread(self._add_upload, name, data, collection)
+        return await self._exclusive(self._add_upload, name, data, collection)
 
     def _add_upload(self, name: str, data: bytes, collection: str) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -376,8 +389,7 @@ class Retriever:
     async def add_files(self, paths: list[Path], collection: str) -> tuple[list[str], SyncReport]:
         """`knowledge add`: copies files (folders recursively) into the collection, then syncs once."""
         collection = safe_collection(collection)
-        async with self._sync_lock:
-            return await asyncio.to_thread(self._add_files, paths, collection)
+        return await self._exclusive(self._add_files, paths, collection)
 
     def _add_files(self, paths: list[Path], collection: str) -> tuple[list[str], SyncReport]:
         notes: list[str] = []
@@ -401,8 +413,7 @@ class Retriever:
 
     async def remove(self, source: str) -> bool:
         """Deletes the document from the folder and the index; False when no such source exists."""
-        async with self._sync_lock:
-            return await asyncio.to_thread(self._remove, source)
+        return await self._exclusive(self._remove, source)
 
     def _remove(self, source: str) -> bool:
         path = self._inside(source)
