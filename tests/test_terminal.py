@@ -11,7 +11,7 @@ from openai_server import openai_server  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def run_chat(tmp_path: Path, server, stdin: str, *args: str) -> tuple[int, str, str]:
+async def start_chat(tmp_path: Path, server, *args: str) -> asyncio.subprocess.Process:
     env = {
         **os.environ,
         "OPENAI_API_KEY": "sk-test",
@@ -20,11 +20,15 @@ async def run_chat(tmp_path: Path, server, stdin: str, *args: str) -> tuple[int,
         "PERSONABOT_PERSONAS_DIR": str(ROOT / "personas"),
         "PERSONABOT_KNOWLEDGE_DIR": str(tmp_path / "knowledge"),
     }
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "chat", *args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         cwd=tmp_path, env=env,
     )
+
+
+async def run_chat(tmp_path: Path, server, stdin: str, *args: str) -> tuple[int, str, str]:
+    proc = await start_chat(tmp_path, server, *args)
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 120)
     return proc.returncode, out.decode(), err.decode()
 
@@ -69,18 +73,7 @@ async def test_chat_runs_on_a_locally_built_model_without_any_key(tmp_path):
 
 
 async def test_sigterm_stops_chat_cleanly_with_the_conversation_saved(tmp_path, openai_server):
-    env = {
-        **os.environ,
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": openai_server.base_url,
-        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
-        "PERSONABOT_PERSONAS_DIR": str(ROOT / "personas"),
-        "PERSONABOT_KNOWLEDGE_DIR": str(tmp_path / "knowledge"),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "chat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=env,
-    )
+    proc = await start_chat(tmp_path, openai_server)
     proc.stdin.write(b"still there?\n")
     await proc.stdin.drain()
     assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"echo: still there?\n"
