@@ -269,6 +269,12 @@ class Engine:
             raise KnowledgeDisabled("Knowledge is not enabled on this bot.")
         return self.retriever
 
+    def check_upload(self, incoming: Incoming, filename: str, size: int) -> None:
+        """The refusals `add_knowledge` would give that need only the name and size, so an adapter can refuse
+        a file before downloading it (attachments can be hundreds of MB)."""
+        self._require_admin(incoming, "add knowledge")
+        self._require_knowledge().check_upload_size(filename, size)
+
     async def add_knowledge(self, incoming: Incoming, filename: str, data: bytes, collection: str | None = None) -> str:
         self._require_admin(incoming, "add knowledge")
         retriever = self._require_knowledge()

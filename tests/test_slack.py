@@ -256,16 +256,27 @@ async def test_long_answer_without_streaming_is_split_at_the_message_limit(rig):
     assert " ".join(rig.api.thread_text("C1", "1700000006.000001").split()) == " ".join("\n\n".join(paragraphs).split())
 
 
-async def test_shared_file_reaches_the_engine_and_reports_knowledge_is_off(rig):
+async def test_shared_file_is_not_downloaded_when_knowledge_is_off(rig):
     rig.api.files["F1"] = ("handbook.md", b"# Handbook\nRefunds take 5 days.")
     await rig.slack.event({"type": "message", "subtype": "file_share", "channel_type": "im", "channel": "D1",
                            "user": ADMIN, "text": "", "ts": "1700000007.000001",
                            "files": [{"id": "F1", "name": "handbook.md"}]})
     await rig.api.wait_for(lambda: rig.api.calls_to("chat.postMessage"))
 
-    assert rig.api.downloads == ["F1"]
+    assert rig.api.downloads == []
     assert "not enabled" in rig.api.calls_to("chat.postMessage")[0].params["text"]
     assert rig.model.requests == []
+
+
+async def test_file_shared_by_a_non_admin_is_refused_without_downloading_it(rig):
+    rig.api.files["F3"] = ("secrets.md", b"# Not for the bot")
+    await rig.slack.event({"type": "message", "subtype": "file_share", "channel_type": "im", "channel": "D2",
+                           "user": "U1", "text": "add", "ts": "1700000009.000001",
+                           "files": [{"id": "F3", "name": "secrets.md"}]})
+    await rig.api.wait_for(lambda: rig.api.calls_to("chat.postMessage"))
+
+    assert "Only admins" in rig.api.calls_to("chat.postMessage")[0].params["text"]
+    assert rig.api.downloads == []
 
 
 async def test_file_shared_with_a_question_gets_an_answer_not_an_upload(rig):

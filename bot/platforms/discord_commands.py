@@ -300,14 +300,10 @@ class KnowledgeCommands(app_commands.Group, name="knowledge", description="Docum
     ) -> None:
         async with refusals(interaction):
             incoming = incoming_for(self.engine, interaction)
-            require_admin(incoming, "add knowledge")
-            if self.engine.retriever is None:
-                raise KnowledgeDisabled()
-            limit = self.engine.retriever.max_upload_bytes
-            if limit is not None and file.size > limit:
-                # Refused before downloading: Discord attachments can be hundreds of MB.
-                await say(interaction, f"Not added: {file.filename} is {file.size / 1e6:.1f} MB; the limit is "
-                                       f"{limit / 1e6:.1f} MB. Nothing was saved.")
+            try:
+                self.engine.check_upload(incoming, file.filename, file.size)
+            except ValueError as exc:  # UploadRefused: too large
+                await say(interaction, f"Not added: {exc}")
                 return
             await interaction.response.defer(ephemeral=True, thinking=True)
             data = await file.read()

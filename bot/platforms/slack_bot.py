@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 SLACK_API_URL = "https://slack.com/api/"
 RESPONSE_URL_LIMIT = 5  # Slack accepts at most five replies through one command's response_url
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 PERSONA_USAGE = "Usage: `/persona list`, `/persona show [NAME]`, `/persona set NAME` (admins)."
 KNOWLEDGE_USAGE = (
     "Usage: `/knowledge search QUERY`. To add a document (admins), share the file with me: drop it in a DM "
@@ -328,7 +327,10 @@ class SlackBot:
         for shared in files:
             name = shared.get("name") or shared["id"]
             try:
-                data, name = await self._download(client, shared["id"])
+                info: dict[str, Any] = (await client.files_info(file=shared["id"]))["file"]
+                name = info.get("name") or name
+                self.engine.check_upload(incoming, name, info.get("size", 0))  # before a byte is downloaded
+                data = await self._download(client, info)
                 reports.append(await self.engine.add_knowledge(incoming, name, data))
             except (NotAdmin, KnowledgeDisabled) as exc:
                 reports = [str(exc)]
@@ -342,18 +344,14 @@ class SlackBot:
             channel=incoming.key.channel, thread_ts=thread, text=to_mrkdwn("\n".join(reports))
         )
 
-    async def _download(self, client: AsyncWebClient, file_id: str) -> tuple[bytes, str]:
-        info: dict[str, Any] = (await client.files_info(file=file_id))["file"]
-        name = info.get("name") or file_id
-        if info.get("size", 0) > MAX_UPLOAD_BYTES:
-            raise ValueError(f"too large ({info['size'] / 1e6:.0f} MB; the limit is {MAX_UPLOAD_BYTES // 10**6} MB)")
+    async def _download(self, client: AsyncWebClient, info: dict[str, Any]) -> bytes:
         url = info.get("url_private_download") or info["url_private"]
         headers = {"Authorization": f"Bearer {client.token}"}
         async with aiohttp.ClientSession(raise_for_status=True) as session:
             async with session.get(url, headers=headers) as response:
                 if response.content_type == "text/html":  # Slack's sign-in page: the token lacks files:read
                     raise aiohttp.ClientError("Slack answered with a sign-in page; does the app have files:read?")
-                return await response.read(), name
+                return await response.read()
 
 
 def _describe(persona: Persona, *, active: bool) -> str:

@@ -26,7 +26,7 @@ from bot.retrieval.embed import Embedder
 from bot.retrieval.parse import FORMATS, UnsupportedDocument, parse
 from bot.retrieval.search import Grounding, Hit
 from bot.retrieval.store import FileEntry, Store
-from bot.retrieval.uploads import DEFAULT_MAX_BYTES, UploadRefused, check, safe_collection
+from bot.retrieval.uploads import DEFAULT_MAX_BYTES, UploadRefused, check, check_size, safe_collection, safe_filename
 from bot.retrieval.vectors import VectorIndex
 
 T = TypeVar("T")
@@ -350,6 +350,10 @@ class Retriever:
             index.save(path)
 
     # -- admin actions -------------------------------------------------------------------------------
+
+    def check_upload_size(self, filename: str, size: int) -> None:
+        """Raises UploadRefused for a file over the upload limit, so it is refused before anyone downloads it."""
+        check_size(safe_filename(filename), size, self.max_upload_bytes)
 
     async def add_upload(self, filename: str, data: bytes, collection: str, *, limit: bool = True) -> str:
         """Saves and indexes one upload; returns what happened, for the uploader. Raises UploadRefused.

@@ -46,12 +46,16 @@ def safe_filename(filename: str) -> str:
     return clean + suffix
 
 
+def check_size(name: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise UploadRefused(f"{name} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB. "
+                            "Nothing was saved.")
+
+
 def check(filename: str, data: bytes, max_bytes: int | None = DEFAULT_MAX_BYTES) -> str:
     """Returns the safe file name; raises UploadRefused with the reason."""
     name = safe_filename(filename)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise UploadRefused(f"{name} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB. "
-                            "Nothing was saved.")
+    check_size(name, len(data), max_bytes)
     if not data.strip():
         raise UploadRefused(f"{name} is empty. Nothing was saved.")
     try:
