@@ -258,6 +258,30 @@ async def test_thread_the_bot_started_is_answered_with_its_own_history(bot, open
     assert "swordfish" not in str(openai_server.last["messages"])
 
 
+async def test_thread_command_starts_a_thread_the_bot_then_answers_without_a_mention(bot, openai_server, monkeypatch):
+    created = []
+
+    async def start_thread_without_message(channel_id, *, name, type, **_):  # Discord's side of create_thread
+        data = {"id": dpy_backend.facts.make_id(), "guild_id": channel("general").guild.id, "parent_id": channel_id,
+                "owner_id": bot.user.id, "name": name, "type": type, "message_count": 0, "member_count": 1,
+                "rate_limit_per_user": 0, "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
+                                                              "archive_timestamp": None, "locked": False}}
+        created.append(data)
+        return data
+
+    monkeypatch.setattr(bot.http, "start_thread_without_message", start_thread_without_message, raising=False)
+    interaction = await slash(bot, "thread", topic="gradient descent")
+
+    assert [(c["name"], c["type"]) for c in created] == [("gradient descent", discord.ChannelType.public_thread.value)]
+    guild = channel("general").guild
+    thread = discord.Thread(guild=guild, state=bot._connection, data=created[0])
+    guild._add_thread(thread)  # as the gateway's THREAD_CREATE would
+    assert interaction.text == f"Started {thread.mention}." and not interaction.answers[0].ephemeral
+    assert "no mention needed" in (await bot_messages(thread, bot))[0]
+    await dpytest.message("which way is down?", channel=thread, member=member("alice"))
+    assert (await bot_messages(thread, bot))[-1] == "echo: which way is down?"
+
+
 async def test_thread_someone_else_started_needs_a_mention(bot, openai_server):
     thread = make_thread(bot, channel("general"), owner_id=member("bob").id)
 

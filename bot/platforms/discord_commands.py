@@ -20,7 +20,7 @@ from discord import app_commands
 from bot.conversation import Incoming
 from bot.engine import Engine, KnowledgeDisabled, NotAdmin
 from bot.personas import NAME_PATTERN, Persona, PersonaError, UnknownPersona, parse_persona
-from bot.platforms.discord_reply import ReplyStream, make_incoming, safe_mentions
+from bot.platforms.discord_reply import ReplyStream, conv_key, make_incoming, safe_mentions
 from bot.platforms.discord_split import DISCORD_LIMIT, split_message
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODAL_TEXT_LIMIT = 4000  # Discord's cap on a text input
+THREAD_NAME_LIMIT = 100  # Discord's cap on a channel or thread name
 KNOWLEDGE_OFF = (
     "Knowledge is not enabled on this bot, so there are no documents to add or search. "
     "The operator can turn it on by installing the knowledge extras and restarting."
@@ -65,6 +66,26 @@ def add_commands(bot: "PersonaBot") -> None:
 
         stream = ReplyStream(first, more, mentions=mentions, interval=bot.edit_interval)
         await stream.run(engine.reply(incoming_for(engine, interaction, question), use_history=False))
+
+    @tree.command(name="thread", description="Start a thread where I answer every message, with its own history.")
+    @app_commands.describe(topic="What the thread is about (its name)")
+    async def thread(interaction: discord.Interaction, topic: str | None = None) -> None:
+        where = interaction.channel
+        if not isinstance(where, discord.TextChannel):
+            await say(interaction, "I can start threads only in a server's text channels.")
+            return
+        persona = await engine.active_persona(conv_key(where))
+        try:
+            started = await where.create_thread(
+                name=_clip(topic or f"Chat with {persona.display_name}", THREAD_NAME_LIMIT),
+                type=discord.ChannelType.public_thread, reason=f"/thread by {interaction.user}",
+            )
+        except discord.Forbidden:
+            await say(interaction, "I'm not allowed to create threads here (the Create Public Threads permission).")
+            return
+        await started.send(f"{persona.display_name} here. Ask away: in this thread I answer every message, "
+                           "no mention needed, and remember only what is said here.", allowed_mentions=safe_mentions())
+        await say(interaction, f"Started {started.mention}.", ephemeral=False)
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
