@@ -340,3 +340,22 @@ async def test_close_waits_for_a_cancelled_sync_so_its_work_is_kept(settings, em
         assert {source for source, *_ in reopened.files("handbook")} == {f"handbook/policy-{n}.md" for n in range(40)}
     finally:
         await reopened.close()
+
+
+async def test_watcher_indexes_a_file_dropped_into_the_folder_without_a_restart(retriever, settings):
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(retriever.watch(stop))
+    try:
+        await asyncio.sleep(0.5)  # the first sync has run and the watch is armed
+        (settings.knowledge_dir / "handbook").mkdir(parents=True, exist_ok=True)
+        (settings.knowledge_dir / "handbook" / "parking.md").write_text("# Parking\n\nVisitor parking is on level B2.\n")
+
+        for _ in range(100):
+            hits = await retriever.search("Where do visitors park?", ["handbook"], k=1)
+            if hits:
+                break
+            await asyncio.sleep(0.1)
+        assert hits and hits[0].source == "handbook/parking.md"
+    finally:
+        stop.set()
+        await asyncio.wait_for(watcher, 10)
