@@ -128,19 +128,21 @@ class Engine:
         params = persona.gen_params(GenParams())
         user: Message = {"role": "user", "content": incoming.text}
         user_tokens = model.count_tokens([user])
-        grounded = bool(persona.knowledge) and self.retriever is not None
         budget_tokens = self._history_budget(model, persona, params, user_tokens)
-        if grounded:
-            # The passages go into the system message, so history gives up the room they may take.
-            budget_tokens -= self.retriever.budget_tokens
         history = await self.history.window(key, budget_tokens) if use_history else []
 
         prefix = persona.prefix()
         grounding = None
-        if grounded:
+        if persona.knowledge and self.retriever is not None:
             grounding = await self.retriever.ground(_retrieval_query(incoming.text, history), persona.knowledge)
             if grounding is not None:
-                prefix[0] = {"role": "system", "content": f"{prefix[0]['content']}\n\n{grounding.system_block}"}
+                block = f"\n\n{grounding.system_block}"
+                prefix[0] = {"role": "system", "content": prefix[0]["content"] + block}
+                if use_history:
+                    # The passages share the window with the history, which gives up the room they take, counted
+                    # in this model's tokens (the retriever budgets in the embedding model's).
+                    block_tokens = model.count_tokens([{"role": "system", "content": block}])
+                    history = await self.history.window(key, budget_tokens - block_tokens)
 
         # The user's turn is queued before the model is called and committed while it thinks, so a failure
         # never loses what they said and the first token never waits on the disk.

@@ -74,3 +74,23 @@ async def test_persona_is_told_it_has_no_source_when_nothing_matches(engine, ope
     system = openai_server.requests[-1]["messages"][0]["content"]
     assert "no source for that" in system and "27 days" not in system
     assert reply == "I have no source for that."
+
+
+async def test_history_gives_up_room_for_the_passages_so_the_prompt_fits_the_window(engine, openai_server):
+    (engine.personas.directory / "archivist.yaml").write_text(
+        LIBRARIAN.replace("name: librarian", "name: archivist") + "model: {context_window: 3000, max_tokens: 200}\n")
+    admin = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
+    persona = await engine.set_persona(admin, "archivist")
+    sections = "".join(f"## Holiday rule {n}\n\nPaid holiday rule {n}: " + "holiday days are booked with the team "
+                       "lead and carried over to the next year only with approval. " * 6 + "\n\n" for n in range(12))
+    await engine.add_knowledge(admin, "holidays.md", f"# Holidays\n\n{sections}".encode())
+    for n in range(40):
+        await ask(engine, f"Message {n} about something else entirely: " + "lorem ipsum dolor " * 20)
+
+    await ask(engine, "How are paid holiday days booked and carried over?")
+
+    sent = openai_server.requests[-1]["messages"]
+    model = await engine.models.get(persona.model)
+    assert "Holiday rule" in sent[0]["content"]  # the passages made it in
+    assert sum(1 for m in sent if m["content"].startswith("Message ")) >= 2  # and so did some history
+    assert model.count_tokens(sent) <= 3000 - 200
