@@ -2,10 +2,12 @@
 
 Every message the bot answers costs a handful of store calls, so the hot path is shaped for throughput:
 - appends are group-committed: callers enqueue, one writer task commits everything pending in a single
-  transaction, and each caller returns only once its row is committed (durable, and in arrival order);
+  transaction on a thread of its own, and each caller returns only once its row is committed (durable, and
+  in arrival order);
 - reads run on a second connection (WAL lets them proceed while the writer commits);
-- a channel's persona and settings and each conversation's context number are cached write-through, so a
-  message's only read is the window query itself, one backwards range scan of an index.
+- a channel's persona and settings, each conversation's context number and its newest turns are cached
+  write-through, so a conversation costs one backwards range scan of an index when first seen and no read
+  after that.
 The caches assume this process is the only writer, which is how the bot runs; the CLI only reads.
 """
 from __future__ import annotations
@@ -13,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from bisect import bisect_right
 from itertools import accumulate, groupby
 from pathlib import Path
 from typing import Any
