@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from transformers.utils import logging as hf_logging
 
 from bot.models import chat_format
 from bot.models.base import Chunk, ContextLengthError, GenParams, Message, ModelError
@@ -39,6 +43,8 @@ class LocalChatModel:
                      or tokenizer.model_max_length)
         # A persona may ask for less context than the model was trained with (faster, less memory), never more.
         self.context_window = min(native, context_window or native)
+        # Counting a long history is how trimming works, not an error: stop the tokenizer warning about it.
+        tokenizer.model_max_length = VERY_LARGE_INTEGER
         self.uses_chat_template = bool(tokenizer.chat_template)
         eos = tokenizer.eos_token or chat_format.DEFAULT_END_OF_TURN
         self._end_of_turn = eos
@@ -74,8 +80,10 @@ class LocalChatModel:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "auto" if device == "cuda" else torch.float32
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, **options)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options).to(device)
+            # A bar for a sub-second load from disk is noise in the chat; a Hub download keeps its bar.
+            with _progress_bars(shown=not isinstance(folder, Path)):
+                tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options).to(device)
         except (OSError, ValueError, ImportError) as exc:
             where = f"{folder}" if isinstance(folder, Path) else f"'{source}' (not under {models_dir}, not a file)"
             raise ModelError(f"Could not load the local model {where}: {exc}. {PULL_HINT}") from exc
@@ -139,3 +147,16 @@ def _limit_threads() -> None:
     """torch defaults to one thread per core it sees, not per core this process may use (containers)."""
     if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
         torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
+
+
+@contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    was_shown = hf_logging.is_progress_bar_enabled()
+    if shown or not was_shown:
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
