@@ -182,6 +182,31 @@ async def test_full_queue_refuses_with_model_busy(tiny_dir):
         busy.close()
 
 
+async def test_callers_who_gave_up_waiting_free_their_places_in_the_queue(tiny_dir):
+    busy = LocalChatModel.load(str(tiny_dir), tiny_dir.parent, max_batch=1, max_waiting=2)
+    streams = [busy.stream(user("Hi"), GREEDY) for _ in range(3)]
+    pending = []
+    try:
+        with COMPUTE_LOCK:
+            pending.append(asyncio.ensure_future(anext(streams[0])))
+            while busy.worker.in_flight < 1:
+                await asyncio.sleep(0.001)
+            waiting = [asyncio.ensure_future(anext(s)) for s in streams[1:]]
+            while busy.worker.queued < 2:
+                await asyncio.sleep(0.001)
+            for task in waiting:  # e.g. a platform timeout: these two stop listening
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            pending.append(asyncio.ensure_future(anext(busy.stream(user("One more"), GREEDY))))
+            await asyncio.sleep(0.05)  # the new stream submits its request
+            assert busy.worker.queued == 1  # admitted in place of the two that left, not refused as busy
+        assert isinstance(await asyncio.wait_for(pending[-1], 30), Chunk)
+    finally:
+        for task in pending:
+            task.cancel()
+        busy.close()
+
+
 async def test_prompt_longer_than_context_window_raises_context_length_error(model):
     with pytest.raises(ContextLengthError):
         await collect(model, user("statistics " * model.context_window))

@@ -149,6 +149,8 @@ class BatchWorker:
         with self._wake:
             if self._closed:
                 raise ModelError("The local model has been shut down.")
+            if len(self._waiting) >= self.max_waiting:  # callers who gave up waiting hold no place
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
             if len(self._waiting) >= self.max_waiting:
                 busy = self.queued + self.in_flight
                 raise ModelBusy(f"The local model is busy with {busy} conversations; try again in a moment.")
