@@ -120,7 +120,10 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int, report:
 def pack_features(features: list[Features], block: int) -> list[Features]:
     ids = [t for f in features for t in f["input_ids"]]
     labels = [t for f in features for t in f["labels"]]
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
+    blocks = [{"input_ids": ids[i:i + block], "labels": labels[i:i + block]} for i in range(0, len(ids), block)]
+    # A block of prompt only (a long system prompt, say) teaches nothing, and a batch of them divides by zero.
+    # The first label is never predicted (labels shift by one), so it does not count.
+    return [b for b in blocks if any(label != IGNORE for label in b["labels"][1:])]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from bot.cli.finetune import finetune
 from bot.models.chat_format import DEFAULT_END_OF_TURN
 from finetune.data import DataReport, Example, read_jsonl, split_examples
-from finetune.formatting import IGNORE, encode, encode_all
+from finetune.formatting import IGNORE, encode, encode_all, pack_features
 from finetune.train import FinetuneConfig, FinetuneError, run
 from tiny_gpt2 import build_tiny_gpt2
 
@@ -319,3 +319,14 @@ def test_from_history_adds_stored_conversations_under_the_personas_system_prompt
 
     assert sorted(ex.messages[2]["content"] for ex in data.train) == [f"Punchline {i}." for i in range(5)]
     assert all(ex.messages[0] == {"role": "system", "content": "You are a comic."} for ex in data.train)
+
+
+def test_packing_drops_blocks_that_hold_no_assistant_tokens():
+    prompt_only = {"input_ids": list(range(8)), "labels": [IGNORE] * 8}
+    answered = {"input_ids": list(range(8, 12)), "labels": [IGNORE, 9, 10, 11]}
+    # A block whose only label sits at its first position: labels shift by one, so it is never predicted.
+    first_only = {"input_ids": list(range(12, 16)), "labels": [12, IGNORE, IGNORE, IGNORE]}
+
+    blocks = pack_features([prompt_only, answered, first_only], block=4)
+
+    assert blocks == [{"input_ids": [8, 9, 10, 11], "labels": [IGNORE, 9, 10, 11]}]
