@@ -128,10 +128,24 @@ async def test_batched_greedy_replies_equal_replies_generated_alone(model):
     assert model.worker.steps - steps_before < solo_steps  # they really shared forward passes
 
 
+class PenaltySparingEndOfTurn:
+    """The oracle: transformers' own repetition penalty, with the end-of-turn tokens left unpenalised."""
+
+    def __init__(self, penalty: float, spared: set[int]):
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        self.inner, self.spared = RepetitionPenaltyLogitsProcessor(penalty), sorted(spared)
+
+    def __call__(self, input_ids, scores):
+        penalized = self.inner(input_ids, scores.clone())
+        penalized[:, self.spared] = scores[:, self.spared]
+        return penalized
+
+
 async def test_repetition_penalty_in_the_generation_config_is_applied_like_generate(tiny_dir, tmp_path, model):
     import shutil
 
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     folder = shutil.copytree(tiny_dir, tmp_path / "penalised")
     config = GenerationConfig.from_model_config(model.model.config)
@@ -144,7 +158,9 @@ async def test_repetition_penalty_in_the_generation_config_is_applied_like_gener
         expected = []
         for messages in prompts:
             ids = penalised.prompt_ids(messages)
-            out = penalised.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):]
+            oracle = LogitsProcessorList([PenaltySparingEndOfTurn(1.8, penalised.worker.stop_ids)])
+            out = penalised.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                                           repetition_penalty=1.0, logits_processor=oracle)[0, len(ids):]
             expected.append(penalised.tokenizer.decode(out, skip_special_tokens=True))
         alone = [text(await collect(penalised, m)) for m in prompts]
         together = await asyncio.gather(*(collect(penalised, m) for m in prompts))

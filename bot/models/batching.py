@@ -231,7 +231,7 @@ class BatchWorker:
 
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token with its own settings and stream what it adds to the reply."""
-        tokens = sample(logits, rows, self.repetition_penalty).tolist()
+        tokens = sample(logits, rows, self.repetition_penalty, self.stop_ids).tolist()
         window = self.context_window
         for r, token in zip(rows, tokens):
             r.next_token, r.generated = token, r.generated + 1
@@ -284,15 +284,22 @@ class BatchWorker:
         self._active = [self._active[i] for i in keep]
 
 
-def penalize_repeats(logits: torch.Tensor, rows: list[Request], penalty: float) -> torch.Tensor:
+def penalize_repeats(logits: torch.Tensor, rows: list[Request], penalty: float, spared: set[int]) -> torch.Tensor:
     """CTRL's repetition penalty, as transformers' `RepetitionPenaltyLogitsProcessor` applies it: every token
-    already in the row's prompt or reply has its logit divided by `penalty` (multiplied where negative)."""
+    already in the row's prompt or reply has its logit divided by `penalty` (multiplied where negative).
+
+    Except the `spared` ones, the end-of-turn tokens: every chat prompt holds them, so penalising them makes
+    the model talk on past the end of its answer (SmolLM2 ran every reply to the length limit)."""
     seen = [r.prompt_ids + r.output_ids for r in rows]
     width = max(map(len, seen))
     # Short rows are padded with a token they already hold: a repeated index gets the same value written twice.
     index = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in seen], device=logits.device)
     picked = logits.gather(1, index)
-    return logits.scatter(1, index, torch.where(picked > 0, picked / penalty, picked * penalty))
+    penalized = logits.scatter(1, index, torch.where(picked > 0, picked / penalty, picked * penalty))
+    if spared:
+        columns = torch.tensor(sorted(spared), device=logits.device)
+        penalized[:, columns] = logits[:, columns]
+    return penalized
 
 
 def _close_at_exit(worker: weakref.ref[BatchWorker]) -> None:
@@ -309,12 +316,13 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def sample(logits: torch.Tensor, rows: list[Request], repetition_penalty: float = 1.0) -> torch.Tensor:
+def sample(logits: torch.Tensor, rows: list[Request], repetition_penalty: float = 1.0,
+           spared: set[int] = frozenset()) -> torch.Tensor:
     """Next token per row: argmax where temperature is 0, else temperature + nucleus (top-p) sampling, after the
     repetition penalty (applied first, as `generate` applies it)."""
     logits = logits.float()
     if repetition_penalty != 1.0:
-        logits = penalize_repeats(logits, rows, repetition_penalty)
+        logits = penalize_repeats(logits, rows, repetition_penalty, spared)
     greedy = logits.argmax(dim=-1)
     if all(r.params.temperature <= 0 for r in rows):
         return greedy
