@@ -225,7 +225,7 @@ class Engine:
 
     # -- admin actions -------------------------------------------------------------------------------
 
-    def _require_admin(self, incoming: Incoming, action: str) -> None:
+    def require_admin(self, incoming: Incoming, action: str) -> None:
         if not incoming.is_admin:
             raise NotAdmin(
                 f"Only admins can {action}. Admins are people with Manage Server (Discord) or workspace "
@@ -236,7 +236,7 @@ class Engine:
         await self.history.audit(incoming.key, incoming.user_id, action, detail)
 
     async def set_persona(self, incoming: Incoming, name: str) -> Persona:
-        self._require_admin(incoming, "switch personas")
+        self.require_admin(incoming, "switch personas")
         persona = self.personas.get(name)
         await self.history.set_persona(incoming.key.channel_key, persona.name)
         # A new voice gets a clean slate: the old persona's turns would drag it back into character.
@@ -248,25 +248,25 @@ class Engine:
 
     async def reset(self, incoming: Incoming) -> None:
         if not incoming.is_private:
-            self._require_admin(incoming, "reset a shared channel's context")
+            self.require_admin(incoming, "reset a shared channel's context")
         await self.history.reset(incoming.key)
         await self._audit(incoming, "reset")
 
     async def save_persona(self, incoming: Incoming, persona: Persona) -> Path:
-        self._require_admin(incoming, "create or edit personas")
+        self.require_admin(incoming, "create or edit personas")
         existed = persona.name in self.personas.names()
         path = self.personas.save(persona)
         await self._audit(incoming, "edit_persona" if existed else "create_persona", persona.name)
         return path
 
     async def set_channel_enabled(self, incoming: Incoming, enabled: bool) -> None:
-        self._require_admin(incoming, "enable or disable the bot in a channel")
+        self.require_admin(incoming, "enable or disable the bot in a channel")
         await self.history.set_setting(incoming.key.channel_key, "enabled", "1" if enabled else None)
         await self._audit(incoming, "enable_channel" if enabled else "disable_channel")
 
     # -- knowledge -----------------------------------------------------------------------------------
 
-    def _require_knowledge(self) -> "Retriever":
+    def require_knowledge(self) -> "Retriever":
         if self.retriever is None:
             raise KnowledgeDisabled("Knowledge is not enabled on this bot.")
         return self.retriever
@@ -274,12 +274,12 @@ class Engine:
     def check_upload(self, incoming: Incoming, filename: str, size: int) -> None:
         """The refusals `add_knowledge` would give that need only the name and size, so an adapter can refuse
         a file before downloading it (attachments can be hundreds of MB)."""
-        self._require_admin(incoming, "add knowledge")
-        self._require_knowledge().check_upload_size(filename, size)
+        self.require_admin(incoming, "add knowledge")
+        self.require_knowledge().check_upload_size(filename, size)
 
     async def add_knowledge(self, incoming: Incoming, filename: str, data: bytes, collection: str | None = None) -> str:
-        self._require_admin(incoming, "add knowledge")
-        retriever = self._require_knowledge()
+        self.require_admin(incoming, "add knowledge")
+        retriever = self.require_knowledge()
         if collection is None:
             persona = await self.active_persona(incoming.key)
             collection = persona.knowledge[0] if persona.knowledge else "general"
@@ -288,7 +288,7 @@ class Engine:
         return report
 
     async def search_knowledge(self, query: str, key: ConvKey, k: int = 5) -> list["Hit"]:
-        retriever = self._require_knowledge()
+        retriever = self.require_knowledge()
         persona = await self.active_persona(key)
         return await retriever.search(query, persona.knowledge or None, k)
 

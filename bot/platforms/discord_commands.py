@@ -34,9 +34,6 @@ KNOWLEDGE_OFF = (
     "Knowledge is not enabled on this bot, so there are no documents to add or search. "
     "The operator can turn it on by installing the knowledge extras and restarting."
 )
-ADMIN_ONLY = (
-    "Only server admins (Manage Server) or people listed in PERSONABOT_ADMINS can {action}. Nothing was changed."
-)
 
 
 def add_commands(bot: "PersonaBot") -> None:
@@ -125,12 +122,6 @@ async def refusals(interaction: discord.Interaction) -> AsyncIterator[None]:
         await say(interaction, KNOWLEDGE_OFF)
 
 
-def require_admin(incoming: Incoming, action: str) -> None:
-    """For checks before the engine is called, e.g. before making an admin type a whole prompt into a form."""
-    if not incoming.is_admin:
-        raise NotAdmin(ADMIN_ONLY.format(action=action))
-
-
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -202,7 +193,8 @@ class PersonaCommands(app_commands.Group, name="persona", description="The bot's
     @app_commands.describe(name="Lowercase letters, digits and '-'; also the file name")
     async def create(self, interaction: discord.Interaction, name: str) -> None:
         async with refusals(interaction):
-            require_admin(incoming_for(self.engine, interaction), "create personas")
+            # Checked before the form opens, so nobody types a whole prompt only to be refused.
+            self.engine.require_admin(incoming_for(self.engine, interaction), "create personas")
             if not NAME_PATTERN.fullmatch(name):
                 await say(interaction, "Persona names are lowercase letters, digits and '-' (it is the file name too).")
                 return
@@ -215,7 +207,7 @@ class PersonaCommands(app_commands.Group, name="persona", description="The bot's
     @app_commands.describe(name="Persona name")
     async def edit(self, interaction: discord.Interaction, name: str) -> None:
         async with refusals(interaction):
-            require_admin(incoming_for(self.engine, interaction), "edit personas")
+            self.engine.require_admin(incoming_for(self.engine, interaction), "edit personas")
             persona = self.engine.personas.get(name)
             form = PersonaForm(self.engine, name, persona)
             # Discord refuses a whole form whose prefilled field is longer than that field may be.
@@ -349,10 +341,9 @@ class KnowledgeCommands(app_commands.Group, name="knowledge", description="Docum
     @app_commands.command(name="list", description="Knowledge collections, and the ones the active persona uses")
     async def list_(self, interaction: discord.Interaction) -> None:
         async with refusals(interaction):
-            if self.engine.retriever is None:
-                raise KnowledgeDisabled()
+            retriever = self.engine.require_knowledge()
             persona = await self.engine.active_persona(incoming_for(self.engine, interaction).key)
-            names = self.engine.retriever.collections()
+            names = retriever.collections()
             used = ", ".join(persona.knowledge) or "none"
             await say(
                 interaction, f"Collections: {', '.join(names) or 'none yet'}\n{persona.display_name} uses: {used}"
