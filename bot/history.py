@@ -56,12 +56,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _key(key: ConvKey) -> tuple[str, str, str, str]:
-    return (key.platform, key.workspace, key.channel, key.thread)
-
-
 def _channel(key: ConvKey) -> tuple[str, str, str]:
-    return (key.platform, key.workspace, key.channel)
+    """The key's (platform, workspace, channel): a ConvKey is a tuple, so it binds as SQL parameters itself."""
+    return key[:3]
 
 
 @dataclass
@@ -139,7 +136,7 @@ class HistoryStore:
         with self._admitted():
             context = await self._context(key)
             now = _now()
-            params = (*_key(key), context, role, author, content, persona, tokens, prompt_tokens, completion_tokens,
+            params = (*key, context, role, author, content, persona, tokens, prompt_tokens, completion_tokens,
                       finish_reason, now)
             done = self._enqueue(INSERT_MESSAGE, params, key)
         return await done
@@ -173,7 +170,7 @@ class HistoryStore:
             done = self._enqueue(
                 "INSERT INTO contexts (platform, workspace, channel, thread, context, reset_at) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT DO UPDATE SET context = excluded.context, reset_at = excluded.reset_at",
-                (*_key(key), context, _now()),
+                (*key, context, _now()),
             )
         try:
             await done
@@ -188,7 +185,7 @@ class HistoryStore:
             rows = await self._read.execute_fetchall(
                 f"SELECT id, role, content, tokens FROM messages WHERE {KEY} AND thread = ? AND context = ?"
                 " ORDER BY id DESC LIMIT ?",
-                (*_key(key), context, MAX_TURNS),
+                (*key, context, MAX_TURNS),
             )
             return self._turns.put(key, context, [(id_, {"role": role, "content": content}, tokens)  # type: ignore[misc]
                                                   for id_, role, content, tokens in reversed(rows)])
@@ -196,7 +193,7 @@ class HistoryStore:
     async def _context(self, key: ConvKey) -> int:
         context = self._contexts.get(key)
         if context is MISSING:
-            rows = await self._read.execute_fetchall(f"SELECT context FROM contexts WHERE {KEY} AND thread = ?", _key(key))
+            rows = await self._read.execute_fetchall(f"SELECT context FROM contexts WHERE {KEY} AND thread = ?", key)
             context = self._contexts.fill(key, rows[0][0] if rows else 0)
         return context
 
@@ -254,7 +251,7 @@ class HistoryStore:
         await self._write(
             "INSERT INTO audit (time, platform, workspace, channel, thread, user_id, action, detail)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (_now(), *_key(key), user_id, action, detail),
+            (_now(), *key, user_id, action, detail),
         )
 
     # -- reporting -----------------------------------------------------------------------------------
