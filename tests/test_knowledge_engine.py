@@ -23,6 +23,7 @@ knowledge: [handbook]
 """
 HANDBOOK = "# Handbook\n\n## Holidays\n\nEvery employee gets 27 days of paid holiday a year.\n"
 CHANNEL = ConvKey("terminal", "local", "general")
+ADMIN = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +54,7 @@ async def ask(engine: Engine, text: str) -> str:
 
 
 async def test_persona_answers_from_an_uploaded_file_and_cites_it(engine, openai_server):
-    admin = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
-    await engine.add_knowledge(admin, "handbook.md", HANDBOOK.encode())
+    await engine.add_knowledge(ADMIN, "handbook.md", HANDBOOK.encode())
     openai_server.script("You get 27 days [1].")
 
     reply = await ask(engine, "How many days of paid holiday do I get?")
@@ -65,8 +65,7 @@ async def test_persona_answers_from_an_uploaded_file_and_cites_it(engine, openai
 
 
 async def test_persona_is_told_it_has_no_source_when_nothing_matches(engine, openai_server):
-    admin = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
-    await engine.add_knowledge(admin, "handbook.md", HANDBOOK.encode())
+    await engine.add_knowledge(ADMIN, "handbook.md", HANDBOOK.encode())
     openai_server.script("I have no source for that.")
 
     reply = await ask(engine, "What is the melting point of tungsten?")
@@ -79,11 +78,10 @@ async def test_persona_is_told_it_has_no_source_when_nothing_matches(engine, ope
 async def test_history_gives_up_room_for_the_passages_so_the_prompt_fits_the_window(engine, openai_server):
     (engine.personas.directory / "archivist.yaml").write_text(
         LIBRARIAN.replace("name: librarian", "name: archivist") + "model: {context_window: 3000, max_tokens: 200}\n")
-    admin = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
-    persona = await engine.set_persona(admin, "archivist")
+    persona = await engine.set_persona(ADMIN, "archivist")
     sections = "".join(f"## Holiday rule {n}\n\nPaid holiday rule {n}: " + "holiday days are booked with the team "
                        "lead and carried over to the next year only with approval. " * 6 + "\n\n" for n in range(12))
-    await engine.add_knowledge(admin, "holidays.md", f"# Holidays\n\n{sections}".encode())
+    await engine.add_knowledge(ADMIN, "holidays.md", f"# Holidays\n\n{sections}".encode())
     for n in range(40):
         await ask(engine, f"Message {n} about something else entirely: " + "lorem ipsum dolor " * 20)
 
