@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     daily_token_budget: int | None = Field(None, validation_alias="PERSONABOT_DAILY_TOKEN_BUDGET")
     max_context_tokens: int = Field(32_000, validation_alias="PERSONABOT_MAX_CONTEXT_TOKENS")
     model_timeout: float = Field(60.0, validation_alias="PERSONABOT_MODEL_TIMEOUT")
+    max_reply_tokens: int = Field(1024, gt=0, validation_alias="PERSONABOT_MAX_REPLY_TOKENS")
+    # Model names and local model paths a workspace admin may give a persona; empty = the configured defaults.
+    allowed_models: Annotated[frozenset[str], NoDecode] = Field(frozenset(), validation_alias="PERSONABOT_ALLOWED_MODELS")
+    max_local_models: int = Field(2, gt=0, validation_alias="PERSONABOT_MAX_LOCAL_MODELS")
     log_level: str = Field("WARNING", validation_alias="PERSONABOT_LOG_LEVEL")
 
     discord_token: str | None = Field(None, validation_alias="DISCORD_TOKEN")
@@ -40,9 +44,9 @@ class Settings(BaseSettings):
     slack_api_url: str | None = Field(None, validation_alias="SLACK_API_URL")
     port: int = Field(8000, validation_alias=AliasChoices("PORT"))
 
-    @field_validator("admins", mode="before")
+    @field_validator("admins", "allowed_models", mode="before")
     @classmethod
-    def _split_admins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.replace(";", ",").split(",") if part.strip())
         return value
@@ -52,6 +56,11 @@ class Settings(BaseSettings):
         if self.backend_choice:
             return self.backend_choice
         return "openai" if self.openai_api_key else "local"
+
+    @property
+    def model_allow_list(self) -> frozenset[str]:
+        """What a workspace admin may pick: PERSONABOT_ALLOWED_MODELS, else only the configured defaults."""
+        return self.allowed_models or frozenset({self.openai_model, self.local_model})
 
     @cached_property
     def db_path(self) -> Path:

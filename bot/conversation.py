@@ -1,8 +1,34 @@
-"""What an adapter hands the engine: one platform message, already translated."""
+"""What an adapter hands the engine: one platform message, already translated, and who sent it."""
 from __future__ import annotations
 
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import NamedTuple
+
+_WORKSPACE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class Workspace(NamedTuple):
+    """A tenant: one Discord server, one Slack workspace, or one terminal workspace (`--workspace`).
+
+    Everything that is not a shipped file (channel state, chat-made personas, uploaded knowledge, budgets,
+    usage, audit rows) belongs to exactly one of these. Written `platform:id`, as the CLI takes it.
+    """
+
+    platform: str
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.platform}:{self.id}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Workspace":
+        platform, sep, ident = text.partition(":")
+        if not sep or platform not in ("discord", "slack", "terminal") or not _WORKSPACE_ID.fullmatch(ident):
+            raise ValueError(f"{text!r} is not a workspace: write discord:GUILD_ID, slack:TEAM_ID or terminal:NAME")
+        return cls(platform, ident)
 
 
 class ConvKey(NamedTuple):
@@ -20,6 +46,27 @@ class ConvKey(NamedTuple):
     def channel_key(self) -> "ConvKey":
         return ConvKey(self.platform, self.workspace, self.channel, "")
 
+    @property
+    def tenant(self) -> Workspace:
+        return Workspace(self.platform, self.workspace)
+
+
+class Role(IntEnum):
+    """What the sender may do. Ordered, so `role >= Role.ADMIN` reads as "at least a workspace admin"."""
+
+    MEMBER = 0
+    ADMIN = 1  # Manage Server in this guild, admin or owner of this Slack workspace: powers here only
+    OWNER = 2  # listed in PERSONABOT_ADMINS, or the person at the terminal: powers everywhere
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file that came with a command; `read()` downloads it, so a refusal on name or size costs nothing."""
+
+    name: str
+    size: int
+    read: Callable[[], Awaitable[bytes]]
+
 
 @dataclass(frozen=True)
 class Incoming:
@@ -27,5 +74,17 @@ class Incoming:
     user_id: str
     text: str
     user_name: str = ""
-    is_admin: bool = False
+    role: Role = Role.MEMBER
     is_private: bool = False  # a DM or the terminal: the asker owns the whole conversation
+
+    @property
+    def workspace(self) -> Workspace:
+        return self.key.tenant
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role >= Role.ADMIN
+
+    @property
+    def is_owner(self) -> bool:
+        return self.role >= Role.OWNER
