@@ -178,14 +178,14 @@ async def latency(embedder: Embedder, sizes: list[int], queries: int) -> None:
                 entry = FileEntry(f"synthetic/f{first}.txt", "synthetic", str(first), 0, 0, count)
                 retriever.store.replace(entry, chunks, vectors[first : first + count])
             retriever.store.set_meta("dim", str(dim))
-            retriever._reconcile("synthetic")
+            retriever.indexes.reconcile("synthetic")
             texts = [" ".join(rng.choice(vocab, 8)) for _ in range(queries)]
             times = []
             for text in texts:
                 started = time.perf_counter()
                 await retriever.search(text, ["synthetic"], k=8)
                 times.append(time.perf_counter() - started)
-            kind = "hnsw" if retriever._indexes["synthetic"].hnsw else "flat"
+            kind = "hnsw" if retriever.indexes.by_collection["synthetic"].hnsw else "flat"
             print(f"hybrid query ({kind}) {size:>7} chunks: {percentiles(times)}  (encode + FAISS + BM25 + fusion)")
             await retriever.close()
 

@@ -7,21 +7,23 @@ terminal, Discord and Slack answer the same history the same way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot import metrics
 from bot.config import Settings
-from bot.conversation import ConvKey, Incoming
+from bot.conversation import ConvKey, Incoming, Role, Workspace
 from bot.history import HistoryStore
 from bot.models.base import ChatModel, ContextLengthError, GenParams, Message, ModelError
 from bot.models.registry import ModelRegistry
-from bot.personas import Persona, PersonaLibrary, UnknownPersona
+from bot.persona_catalog import Entry, Origin, PersonaCatalog
+from bot.personas import ModelSpec, Persona, PersonaLibrary, UnknownPersona
 
 if TYPE_CHECKING:
     from bot.retrieval import Hit, Retriever
@@ -37,6 +39,7 @@ BUDGET_NOTICE = (
 ERROR_NOTICE = "Sorry, I couldn't answer that: {error}"
 SHORT_QUERY_WORDS = 6
 ONE_OFF_THREAD = "one-off:"  # the thread of a stored `/ask` exchange, never read back as context
+GLOBAL_PREFIX = "global:"  # names a global collection from chat (owners only)
 OUTCOMES = {"length": "cut_off", "content_filter": "content_filter", "error": "error"}
 
 
@@ -58,10 +61,10 @@ class Engine:
         retriever: "Retriever | None" = None,
     ):
         self.settings = settings
-        self.personas = personas
         self.history = history
         self.models = models
         self.retriever = retriever
+        self.personas = PersonaCatalog(personas, history)
         self._turns: dict[ConvKey, tuple[asyncio.Lock, int]] = {}
         self._prefix_tokens: dict[tuple[str, str], int] = {}
 
@@ -117,15 +120,20 @@ class Engine:
 
     async def _reply(self, incoming: Incoming, use_history: bool) -> AsyncIterator[str]:
         key = incoming.key
-        persona = await self.active_persona(key)
+        entry = await self.active_entry(key)
         budget = self.settings.daily_token_budget
         if budget and await self.history.tokens_today(key) >= budget:
             metrics.REPLIES.labels(key.platform, "over_budget").inc()
             yield BUDGET_NOTICE.format(budget=budget)
             return
+        spec, params = self._bounded(entry)
+        async with self.models.use(spec) as model:
+            async for piece in self._answer(incoming, entry.persona, model, params, use_history):
+                yield piece
 
-        model = await self.models.get(persona.model)
-        params = persona.gen_params(GenParams())
+    async def _answer(self, incoming: Incoming, persona: Persona, model: ChatModel, params: GenParams,
+                      use_history: bool) -> AsyncIterator[str]:
+        key = incoming.key
         user: Message = {"role": "user", "content": incoming.text}
         user_tokens = model.count_tokens([user])
         budget_tokens = self._history_budget(model, persona, params, user_tokens)
@@ -134,7 +142,8 @@ class Engine:
         prefix = persona.prefix()
         grounding = None
         if persona.knowledge and self.retriever is not None:
-            grounding = await self.retriever.ground(_retrieval_query(incoming.text, history), persona.knowledge)
+            grounding = await self.retriever.ground(
+                _retrieval_query(incoming.text, history), persona.knowledge, workspace=key.tenant)
             if grounding is not None:
                 block = f"\n\n{grounding.system_block}"
                 prefix[0] = {"role": "system", "content": prefix[0]["content"] + block}
@@ -206,38 +215,80 @@ class Engine:
         window = min(model.context_window, self.settings.max_context_tokens)
         return window - params.max_tokens - self._prefix_tokens[cache_key] - user_tokens
 
-    # -- channel state -------------------------------------------------------------------------------
+    # -- bounds the operator sets ---------------------------------------------------------------------
 
-    async def active_persona(self, key: ConvKey) -> Persona:
-        name = await self.history.get_persona(key.channel_key) or self.settings.default_persona
-        try:
-            return self.personas.get(name)
-        except UnknownPersona:
-            log.warning("persona %r is gone; using the default", name)
-            return self.personas.get(self.settings.default_persona)
+    def _bounded(self, entry: Entry) -> tuple[ModelSpec, GenParams]:
+        """The persona's model and settings within the operator's bounds, whoever wrote the persona.
 
-    async def channel_enabled(self, key: ConvKey) -> bool:
-        return await self.history.get_setting(key.channel_key, "enabled") == "1"
+        A workspace persona saved by a workspace admin keeps to the allow-list even if the list shrank after
+        it was saved: it then answers on the default model rather than on one nobody allows any more.
+        """
+        spec = entry.persona.model
+        if not entry.by_owner and self.model_refusals(spec, owner=False):
+            log.warning("persona %s names a model outside PERSONABOT_ALLOWED_MODELS; using the default",
+                        entry.persona.name)
+            spec = spec.model_copy(update={"name": None, "path": None, "max_tokens": None})
+        params = entry.persona.gen_params(GenParams())
+        return spec, dataclasses.replace(params, max_tokens=min(params.max_tokens, self.settings.max_reply_tokens))
 
-    def is_admin(self, platform: str, user_id: str) -> bool:
-        """True for ids listed in PERSONABOT_ADMINS, bare or prefixed with the platform (`discord:123`)."""
-        return user_id in self.settings.admins or f"{platform}:{user_id}" in self.settings.admins
+    def model_refusals(self, spec: ModelSpec, *, owner: bool) -> list[str]:
+        """Why a persona's model settings are out of bounds, in the words the form shows; empty when they fit."""
+        problems = []
+        cap = self.settings.max_reply_tokens
+        if spec.max_tokens is not None and spec.max_tokens > cap:
+            problems.append(f"model.max_tokens: {spec.max_tokens} is above this bot's cap of {cap} "
+                            "(PERSONABOT_MAX_REPLY_TOKENS)")
+        if not owner:
+            allowed = self.settings.model_allow_list
+            for field in ("name", "path"):
+                value = getattr(spec, field)
+                if value is not None and value not in allowed:
+                    problems.append(f"model.{field}: {value!r} is not a model this bot allows; choose one of: "
+                                    f"{', '.join(sorted(allowed))} (the operator sets PERSONABOT_ALLOWED_MODELS)")
+        return problems
 
-    # -- admin actions -------------------------------------------------------------------------------
+    # -- who may do what ------------------------------------------------------------------------------
+
+    def role(self, platform: str, user_id: str, *, workspace_admin: bool) -> Role:
+        """Owners are the ids in PERSONABOT_ADMINS, bare or prefixed with the platform (`discord:123`)."""
+        if user_id in self.settings.admins or f"{platform}:{user_id}" in self.settings.admins:
+            return Role.OWNER
+        return Role.ADMIN if workspace_admin else Role.MEMBER
 
     def require_admin(self, incoming: Incoming, action: str) -> None:
         if not incoming.is_admin:
             raise NotAdmin(
-                f"Only admins can {action}. Admins are people with Manage Server (Discord) or workspace "
-                "admins and owners (Slack), plus anyone listed in PERSONABOT_ADMINS. Nothing was changed."
+                f"Only this workspace's admins can {action}: people with Manage Server (Discord) or workspace "
+                "admins and owners (Slack), plus the bot's owners (PERSONABOT_ADMINS). Nothing was changed."
             )
+
+    def require_owner(self, incoming: Incoming, action: str) -> None:
+        if not incoming.is_owner:
+            raise NotAdmin(f"Only the bot's owners (PERSONABOT_ADMINS) can {action}. Nothing was changed.")
 
     async def _audit(self, incoming: Incoming, action: str, detail: str = "") -> None:
         await self.history.audit(incoming.key, incoming.user_id, action, detail)
 
+    # -- channel state -------------------------------------------------------------------------------
+
+    async def active_entry(self, key: ConvKey) -> Entry:
+        name = await self.history.get_persona(key.channel_key) or self.settings.default_persona
+        try:
+            return await self.personas.entry(key.tenant, name)
+        except UnknownPersona:
+            log.warning("persona %r is gone from %s; using the default", name, key.tenant)
+            return await self.personas.entry(key.tenant, self.settings.default_persona)
+
+    async def active_persona(self, key: ConvKey) -> Persona:
+        return (await self.active_entry(key)).persona
+
+    async def channel_enabled(self, key: ConvKey) -> bool:
+        return await self.history.get_setting(key.channel_key, "enabled") == "1"
+
     async def set_persona(self, incoming: Incoming, name: str) -> Persona:
-        self.require_admin(incoming, "switch personas")
-        persona = self.personas.get(name)
+        if not incoming.is_private:  # a DM is its asker's own: choosing its voice touches nobody else
+            self.require_admin(incoming, "switch personas")
+        persona = await self.personas.get(incoming.workspace, name)
         await self.history.set_persona(incoming.key.channel_key, persona.name)
         # A new voice gets a clean slate: the old persona's turns would drag it back into character.
         await self.history.reset(incoming.key.channel_key)
@@ -252,17 +303,43 @@ class Engine:
         await self.history.reset(incoming.key)
         await self._audit(incoming, "reset")
 
-    async def save_persona(self, incoming: Incoming, persona: Persona) -> Path:
-        self.require_admin(incoming, "create or edit personas")
-        existed = persona.name in self.personas.names()
-        path = self.personas.save(persona)
-        await self._audit(incoming, "edit_persona" if existed else "create_persona", persona.name)
-        return path
-
     async def set_channel_enabled(self, incoming: Incoming, enabled: bool) -> None:
         self.require_admin(incoming, "enable or disable the bot in a channel")
         await self.history.set_setting(incoming.key.channel_key, "enabled", "1" if enabled else None)
         await self._audit(incoming, "enable_channel" if enabled else "disable_channel")
+
+    async def usage(self, incoming: Incoming, days: int = 14) -> list[dict]:
+        self.require_admin(incoming, "see this workspace's usage")
+        since = datetime.now(timezone.utc).date() - timedelta(days=days - 1)
+        return await self.history.usage(since, incoming.workspace)
+
+    # -- workspace personas --------------------------------------------------------------------------
+
+    async def save_persona(self, incoming: Incoming, persona: Persona, *, creating: bool) -> Origin:
+        """Saves a persona made or edited in chat as this workspace's own; returns what it was before."""
+        self.require_admin(incoming, "create or edit personas")
+        entries = await self.personas.entries(incoming.workspace)
+        before = entries.get(persona.name)
+        if creating and before is not None:
+            hint = ("it ships with the bot; editing it makes this workspace's own copy"
+                    if before.origin is Origin.SHIPPED else "someone saved it meanwhile")
+            raise PersonaRefused([f"`{persona.name}` already exists ({hint}). Use `/persona edit {persona.name}`."])
+        if problems := self.model_refusals(persona.model, owner=incoming.is_owner):
+            raise PersonaRefused(problems)
+        await self.personas.save(incoming.workspace, persona, saved_by=incoming.user_id, by_owner=incoming.is_owner)
+        await self._audit(incoming, "edit_persona" if before else "create_persona", persona.name)
+        return before.origin if before else Origin.OWN
+
+    async def delete_persona(self, incoming: Incoming, name: str) -> Origin:
+        """Deletes this workspace's own persona (or its copy of a shipped one, which then serves again)."""
+        self.require_admin(incoming, "delete personas")
+        entry = await self.personas.entry(incoming.workspace, name)
+        if entry.origin is Origin.SHIPPED:
+            raise PersonaRefused([f"`{name}` ships with the bot, so it cannot be deleted from chat; the bot's "
+                                  f"owners change shipped personas in its personas/ folder. Nothing was changed."])
+        await self.personas.delete(incoming.workspace, name, saved_by=incoming.user_id)
+        await self._audit(incoming, "delete_persona", name)
+        return entry.origin
 
     # -- knowledge -----------------------------------------------------------------------------------
 
@@ -270,6 +347,14 @@ class Engine:
         if self.retriever is None:
             raise KnowledgeDisabled("Knowledge is not enabled on this bot.")
         return self.retriever
+
+    def _knowledge_scope(self, incoming: Incoming, name: str, action: str) -> tuple[str, Workspace | None]:
+        """`global:NAME` is the owners' way to reach a global collection from chat; anything else is the
+        workspace's own."""
+        if name.startswith(GLOBAL_PREFIX):
+            self.require_owner(incoming, f"{action} global knowledge")
+            return name.removeprefix(GLOBAL_PREFIX), None
+        return name, incoming.workspace
 
     def check_upload(self, incoming: Incoming, filename: str, size: int) -> None:
         """The refusals `add_knowledge` would give that need only the name and size, so an adapter can refuse
@@ -283,14 +368,36 @@ class Engine:
         if collection is None:
             persona = await self.active_persona(incoming.key)
             collection = persona.knowledge[0] if persona.knowledge else "general"
-        report = await retriever.add_upload(filename, data, collection)
+        name, workspace = self._knowledge_scope(incoming, collection, "add")
+        report = await retriever.add_upload(filename, data, name, workspace=workspace)
         await self._audit(incoming, "add_knowledge", f"{collection}/{filename}")
         return report
 
-    async def search_knowledge(self, query: str, key: ConvKey, k: int = 5) -> list["Hit"]:
+    async def remove_knowledge(self, incoming: Incoming, source: str) -> bool:
+        self.require_admin(incoming, "remove knowledge")
+        name, workspace = self._knowledge_scope(incoming, source, "remove")
+        removed = await self.require_knowledge().remove(name, workspace=workspace)
+        if removed:
+            await self._audit(incoming, "remove_knowledge", source)
+        return removed
+
+    async def search_knowledge(self, incoming: Incoming, query: str, k: int = 5) -> list["Hit"]:
         retriever = self.require_knowledge()
-        persona = await self.active_persona(key)
-        return await retriever.search(query, persona.knowledge or None, k)
+        persona = await self.active_persona(incoming.key)
+        return await retriever.search(query, persona.knowledge or None, k, workspace=incoming.workspace)
+
+    async def knowledge_collections(self, incoming: Incoming) -> tuple[list[str], Persona]:
+        """The collections this workspace sees (global and its own), and the active persona, which cites some."""
+        retriever = self.require_knowledge()
+        return retriever.collections(incoming.workspace), await self.active_persona(incoming.key)
+
+
+class PersonaRefused(ValueError):
+    """A persona that may not be saved here; `.errors` are the reasons, in the form's words."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
 
 
 def _newest_half(history: list[Message]) -> list[Message]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import aiosqlite
 
-from bot.conversation import ConvKey
+from bot.conversation import ConvKey, Workspace
 from bot.history_cache import MISSING, Conversation, Recent, RecentTurns
 from bot.migrations import migrate
 from bot.models.base import Message
@@ -247,6 +247,27 @@ class HistoryStore:
             self._settings.forget(cache_key)
             raise
 
+    # -- workspace personas --------------------------------------------------------------------------
+
+    async def workspace_personas(self, workspace: Workspace) -> dict[str, tuple[str, bool]]:
+        """The workspace's chat-made personas: name -> (YAML, saved by an owner), newest version of each."""
+        rows = await self._read.execute_fetchall(
+            "SELECT name, yaml, by_owner FROM personas p WHERE platform = ? AND workspace = ? AND id ="
+            " (SELECT max(id) FROM personas q WHERE q.platform = p.platform AND q.workspace = p.workspace"
+            " AND q.name = p.name) ORDER BY name",
+            tuple(workspace),
+        )
+        return {name: (text, bool(by_owner)) for name, text, by_owner in rows if text is not None}
+
+    async def save_workspace_persona(self, workspace: Workspace, name: str, text: str | None, *,
+                                     saved_by: str, by_owner: bool) -> None:
+        """A new version of one workspace persona; `text=None` deletes it (older versions stay on disk)."""
+        await self._write(
+            "INSERT INTO personas (platform, workspace, name, yaml, saved_by, by_owner, saved_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*workspace, name, text, saved_by, int(by_owner), _now()),
+        )
+
     async def audit(self, key: ConvKey, user_id: str, action: str, detail: str = "") -> None:
         await self._write(
             "INSERT INTO audit (time, platform, workspace, channel, thread, user_id, action, detail)"
@@ -271,14 +292,17 @@ class HistoryStore:
             self._spent.put(channel, (today, rows[0][0]))
             return rows[0][0]
 
-    async def usage(self, since: date | None = None) -> list[dict]:
-        """Tokens by platform, channel, persona and UTC day, oldest day first."""
+    async def usage(self, since: date | None = None, workspace: Workspace | None = None) -> list[dict]:
+        """Tokens by platform, channel, persona and UTC day, oldest day first; one workspace's when given."""
+        where, params = "", [(since or date.min).isoformat()]
+        if workspace is not None:
+            where, params = " AND platform = ? AND workspace = ?", [*params, *workspace]
         rows = await self._read.execute_fetchall(
             "SELECT platform, workspace, channel, persona, substr(created_at, 1, 10) AS day,"
             " sum(prompt_tokens), sum(completion_tokens) FROM messages"
-            " WHERE prompt_tokens + completion_tokens > 0 AND created_at >= ?"
+            f" WHERE prompt_tokens + completion_tokens > 0 AND created_at >= ?{where}"
             " GROUP BY platform, workspace, channel, persona, day ORDER BY day, platform, workspace, channel, persona",
-            ((since or date.min).isoformat(),),
+            params,
         )
         return [
             {"platform": p, "workspace": w, "channel": c, "persona": persona, "day": day,

@@ -135,3 +135,26 @@ def m002_usage_index(db: sqlite3.Connection) -> None:
         WHERE prompt_tokens + completion_tokens > 0
         """
     )
+
+
+@migration
+def m003_workspace_personas(db: sqlite3.Connection) -> None:
+    # Personas made in chat belong to one workspace. Every save is a new row and a delete is a row without
+    # YAML, so an edit never loses the version it replaced; a workspace's personas are its newest row per name.
+    db.execute(
+        """
+        CREATE TABLE personas (
+            id INTEGER PRIMARY KEY,
+            platform TEXT NOT NULL,
+            workspace TEXT NOT NULL,
+            name TEXT NOT NULL,
+            yaml TEXT,
+            saved_by TEXT NOT NULL,
+            by_owner INTEGER NOT NULL DEFAULT 0,
+            saved_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX personas_by_workspace ON personas (platform, workspace, name, id)")
+    # Audit and usage are read per workspace now (/usage, the audit trail of one server).
+    db.execute("CREATE INDEX audit_by_workspace ON audit (platform, workspace, id)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +30,8 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from bot.config import Settings
+from bot.models.base import ModelError
+from bot.models.resolve import resolve_local
 from finetune.data import (
     DataReport,
     Example,
@@ -84,18 +85,17 @@ class FinetuneConfig:
         return self.learning_rate if self.learning_rate is not None else (2e-4 if self.lora else 5e-5)
 
 
-def resolve_base(base: str, models_dir: Path) -> str:
-    """Resolved as the local backend resolves models: a name under <data dir>/models (e.g. `smollm2` after
-    `models pull`), then a model dir, else a hub id."""
-    named = models_dir / base
-    if base and "/" not in base and os.sep not in base and named.is_dir():
-        return str(named)
-    path = Path(base).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.is_absolute() or base.startswith((".", "~")):
-        raise FinetuneError(f"--base {base}: no model dir there")
-    return base
+def resolve_base(base: str, settings: Settings) -> str:
+    """The folder or hub id for `from_pretrained`, found exactly where the bot would find a persona's model
+    (`bot.models.resolve`), so a base the bot answers with is one that fine-tunes."""
+    try:
+        source = resolve_local(base, settings.models_dir, settings.data_dir)
+    except ModelError:
+        raise FinetuneError(f"--base {base}: no model dir there") from None
+    if source.gguf_file:
+        raise FinetuneError(f"--base {base}: a GGUF file fine-tunes only once converted to a model dir "
+                            "(`personabot models pull smollm2` does that for SmolLM2)")
+    return source.target
 
 
 def collect(config: FinetuneConfig, settings: Settings) -> Split:
@@ -257,7 +257,7 @@ def run(config: FinetuneConfig, settings: Settings, callbacks: list[TrainerCallb
     """Train, evaluate and save; returns what was written to personabot-model.json. `echo` gets the data
     report before training starts and the result report at the end."""
     out = Path(config.out)
-    base = resolve_base(config.base, settings.models_dir)
+    base = resolve_base(config.base, settings)
     _check_out(out, base)
     split = collect(config, settings)
 

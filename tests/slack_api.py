@@ -136,6 +136,10 @@ class FakeSlackApi:
             return {"ok": True, "channel": p["channel"], "ts": p["_ts"], "message": {"text": p.get("text", "")}}
         if method in ("chat.update", "chat.appendStream", "chat.stopStream"):
             return {"ok": True, "channel": p["channel"], "ts": p["ts"]}
+        if method == "views.open":
+            return {"ok": True, "view": {"id": f"V{next(self._ts)}", **json.loads(p["view"])}}
+        if method == "chat.postEphemeral":
+            return {"ok": True, "message_ts": f"{1700000000 + next(self._ts)}.000200"}
         if method == "users.info":
             user = p["user"]
             return {"ok": True, "user": {"id": user, "name": user.lower(), "is_admin": user in self.admins,
@@ -216,9 +220,9 @@ class SlackApp:
             return response
 
     def command_body(self, command: str, text: str, *, user: str = "U1", channel: str = "C1",
-                     response_url: str = "") -> str:
+                     response_url: str = "", team: str = TEAM) -> str:
         return urlencode({
-            "token": "verification-token-unused", "team_id": TEAM, "team_domain": "test",
+            "token": "verification-token-unused", "team_id": team, "team_domain": "test",
             "channel_id": channel, "channel_name": "general", "user_id": user, "user_name": user.lower(),
             "command": command, "text": text, "api_app_id": "A1", "response_url": response_url,
             "trigger_id": f"trigger-{next(self._ids)}",
@@ -227,13 +231,24 @@ class SlackApp:
     async def command(self, command: str, text: str, **kwargs) -> aiohttp.ClientResponse:
         return await self.post(self.command_body(command, text, **kwargs), "application/x-www-form-urlencoded")
 
-    def event_body(self, event: dict[str, Any], *, event_id: str | None = None) -> str:
+    def event_body(self, event: dict[str, Any], *, event_id: str | None = None, team: str = TEAM) -> str:
         return json.dumps({
-            "token": "verification-token-unused", "team_id": TEAM, "api_app_id": "A1", "type": "event_callback",
+            "token": "verification-token-unused", "team_id": team, "api_app_id": "A1", "type": "event_callback",
             "event": event, "event_id": event_id or f"Ev{next(self._ids):08d}", "event_time": int(time.time()),
-            "authorizations": [{"team_id": TEAM, "user_id": BOT_USER, "is_bot": True}],
+            "authorizations": [{"team_id": team, "user_id": BOT_USER, "is_bot": True}],
         })
 
     async def event(self, event: dict[str, Any], *, event_id: str | None = None,
-                    headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
-        return await self.post(self.event_body(event, event_id=event_id), "application/json", headers=headers)
+                    headers: dict[str, str] | None = None, team: str = TEAM) -> aiohttp.ClientResponse:
+        return await self.post(self.event_body(event, event_id=event_id, team=team), "application/json",
+                               headers=headers)
+
+    async def submit_view(self, view: dict[str, Any], values: dict[str, str], *, user: str = "U1",
+                          team: str = TEAM) -> aiohttp.ClientResponse:
+        """The signed `view_submission` Slack sends when someone presses Save on a modal the app opened."""
+        state = {"values": {block["block_id"]: {"value": {"type": "plain_text_input", "value": values.get(
+            block["block_id"], block["element"].get("initial_value"))}} for block in view["blocks"]}}
+        payload = {"type": "view_submission", "team": {"id": team, "domain": "test"},
+                   "user": {"id": user, "team_id": team}, "api_app_id": "A1", "trigger_id": "trigger-view",
+                   "view": {**view, "id": "V1", "team_id": team, "state": state}}
+        return await self.post(urlencode({"payload": json.dumps(payload)}), "application/x-www-form-urlencoded")

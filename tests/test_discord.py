@@ -25,7 +25,7 @@ from bot.personas import Persona
 from bot.platforms import discord_reply
 from bot.platforms.discord_bot import create_bot
 from bot.platforms.discord_reply import ReplyStream, conv_key
-from bot.platforms.discord_split import close_open_fence, open_fence_language, split_message
+from bot.render import open_fence
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -327,7 +327,7 @@ async def test_long_reply_arrives_as_valid_discord_messages(bot, openai_server):
     messages = await bot_messages(channel("general"), bot)
     assert len(messages) >= 3
     assert all(0 < len(m) <= 2000 for m in messages)
-    assert all(open_fence_language(m) is None for m in messages)  # no message leaves a code block open
+    assert all(open_fence(m) is None for m in messages)  # no message leaves a code block open
     shown = " ".join(messages)
     assert all(f"Sentence number {i} " in shown and f"# step {i}\n" in shown for i in range(60))
 
@@ -396,7 +396,7 @@ async def test_reply_cut_off_inside_code_block_ends_closed(bot, openai_server):
     await say_to_bot(bot, "write a loop")
 
     (message,) = await bot_messages(channel("general"), bot)
-    assert "print(i)" in message and open_fence_language(message) is None
+    assert "print(i)" in message and open_fence(message) is None
 
 
 async def test_reply_survives_discord_server_error(bot, openai_server, monkeypatch):
@@ -623,61 +623,6 @@ async def test_persona_name_is_checked_before_the_form(bot):
     answer = await slash(bot, "persona create", who="alice", name="Pirate King")
 
     assert answer.modal is None and "lowercase letters" in answer.text
-
-
-# -- splitting (pure) -------------------------------------------------------------------------------
-
-
-def test_short_text_is_one_message():
-    assert split_message("hello") == ["hello"]
-
-
-def test_prose_splits_at_sentence_ends_and_rejoins_exactly():
-    text = " ".join(f"This is sentence {i}, which goes on for a while." for i in range(150))
-
-    parts = split_message(text)
-
-    assert "".join(parts) == text
-    assert all(len(p) <= 2000 for p in parts)
-    assert all(p.rstrip().endswith(".") for p in parts)
-
-
-def test_code_block_cut_is_closed_and_reopened_with_its_language():
-    code = "\n".join(f"print({i})" for i in range(400))
-    text = f"Here you go:\n```python\n{code}\n```\nDone."
-
-    parts = split_message(text)
-
-    assert len(parts) >= 2 and all(len(p) <= 2000 for p in parts)
-    assert all(open_fence_language(p) is None for p in parts)  # each message renders on its own
-    assert all(p.startswith("```python\n") for p in parts[1:])
-    # Take away the added fences (a closing one ending each cut message, a reopening one starting the next)
-    # and the reply is back, exactly.
-    rebuilt = "".join(p[: -len("```")] for p in parts[:-1]) + parts[-1]
-    assert rebuilt.replace("```python\n", "") == text.replace("```python\n", "")
-
-
-def test_code_block_that_fits_moves_whole_to_the_next_message():
-    intro = "Some context. " * 100
-    code = "```sh\n" + "echo hi\n" * 100 + "```"
-
-    parts = split_message(intro + "\n" + code)
-
-    assert parts == [intro + "\n", code]
-
-
-def test_text_without_spaces_is_hard_cut():
-    text = "x" * 4500
-
-    parts = split_message(text)
-
-    assert [len(p) for p in parts] == [1996, 1996, 508]
-    assert "".join(parts) == text
-
-
-def test_open_fence_is_closed_while_streaming():
-    assert close_open_fence("look:\n```js\nlet a") == "look:\n```js\nlet a\n```"
-    assert close_open_fence("```js\nx\n```") == "```js\nx\n```"
 
 
 # -- streaming into messages ------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from bot.models.base import Chunk, ContextLengthError, GenParams, ModelBusy, Mod
 from bot.models.batching import COMPUTE_LOCK, TextStream
 from bot.models.local import LocalChatModel
 from bot.models.pull import CARD, convert_gguf, list_models, pull
+from bot.models.registry import ModelRegistry
+from bot.personas import ModelSpec
 
 GREEDY = GenParams(temperature=0.0, max_tokens=40)
 # A ChatML-style template, as SmolLM2 and most instruct models carry.
@@ -328,3 +332,110 @@ def test_pull_is_a_no_op_when_the_model_is_already_there(tiny_dir, tmp_path):
 def test_pull_unknown_model_names_the_pullable_ones(tmp_path):
     with pytest.raises(ModelError, match="Pullable: smollm2"):
         pull("llama-70b", tmp_path)
+
+
+# -- the registry: one loaded model per set of weights, a bounded number of them ---------------------------------
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[LocalChatModel]:
+    """Every model the registry really loads from disk, in order."""
+    loaded = []
+    load = LocalChatModel.load.__func__
+
+    def counted(cls, source, models_dir, **kwargs):
+        loaded.append(load(cls, source, models_dir, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(LocalChatModel, "load", classmethod(counted))
+    return loaded
+
+
+def local(path, **kwargs) -> ModelSpec:
+    return ModelSpec(backend="local", path=str(path), **kwargs)
+
+
+async def test_personas_that_differ_only_in_context_window_share_one_loaded_model(settings, tiny_dir, loads):
+    registry = ModelRegistry(settings)
+    try:
+        windows = range(40, 100)  # sixty persona edits
+        models = [await registry.get(local(tiny_dir, context_window=w)) for w in windows]
+        assert len(loads) == 1
+        assert [m.context_window for m in models] == list(windows)
+        assert {id(m.worker) for m in models} == {id(loads[0].worker)}
+    finally:
+        await registry.close()
+
+
+async def test_one_model_named_three_ways_is_loaded_once(settings, tiny_dir, loads):
+    folder = shutil.copytree(tiny_dir, settings.models_dir / "tiny")
+    registry = ModelRegistry(settings)
+    try:
+        for path in ("tiny", "models/tiny", folder):  # a pulled name, a persona's `path: models/NAME`, a folder
+            assert (await collect(await registry.get(local(path)), user("Hi")))[-1].finish_reason
+        assert len(loads) == 1
+    finally:
+        await registry.close()
+
+
+async def test_persona_window_is_held_in_replies_and_capped_at_the_models_own(settings, tiny_dir, loads):
+    registry = ModelRegistry(settings)
+    try:
+        narrow = await registry.get(local(tiny_dir, context_window=64))
+        wide = await registry.get(local(tiny_dir, context_window=100_000))
+        assert len(loads) == 1 and wide.context_window == loads[0].context_window == 256
+        filler = ""
+        while narrow.count_tokens(user(filler + "a ")) <= 62:
+            filler += "a "
+        usage = (await collect(narrow, user(filler), GenParams(temperature=0, max_tokens=400)))[-1].usage
+        assert usage.prompt_tokens == 62 and usage.prompt_tokens + usage.completion_tokens <= 64
+        longer = user(filler + "a " * 10)
+        with pytest.raises(ContextLengthError, match="holds 64"):
+            await collect(narrow, longer)
+        assert (await collect(wide, longer))[-1].finish_reason  # the shared model itself holds more
+    finally:
+        await registry.close()
+
+
+async def test_loading_past_the_bound_closes_the_least_recently_used_model_and_frees_it(settings, tiny_dir, loads):
+    for name in ("first", "second", "third"):
+        shutil.copytree(tiny_dir, settings.models_dir / name)
+    registry = ModelRegistry(settings.model_copy(update={"max_local_models": 2}))
+    try:
+        first = await registry.get(local("first"))
+        second = await registry.get(local("second"))
+        for model in (first, second):
+            await collect(model, user("Hi"))  # their worker threads are running
+        await registry.get(local("first"))  # used again: now `second` is the one unused the longest
+        threads, weights = [m.worker._thread for m in (first, second)], weakref.ref(second.model)
+        third = await registry.get(local("third"))
+        assert [t.is_alive() for t in threads] == [True, False]
+        assert weights() is None  # nothing holds the evicted model's weights any more
+        with pytest.raises(ModelError, match="shut down"):
+            await collect(second, user("Hi"))
+        assert (await collect(third, user("Hi")))[-1].finish_reason
+        assert [m.name for m in loads] == ["first", "second", "third"]
+    finally:
+        await registry.close()
+
+
+async def test_a_reply_streaming_from_a_model_finishes_before_loading_another_closes_it(settings, tiny_dir, loads,
+                                                                                         model):
+    for name in ("first", "second"):
+        shutil.copytree(tiny_dir, settings.models_dir / name)
+    registry = ModelRegistry(settings.model_copy(update={"max_local_models": 1}))
+    messages, params = user("Tell me a joke about statistics."), GenParams(temperature=0, max_tokens=30)
+    try:
+        async with registry.use(local("first")) as first:
+            stream = first.stream(messages, params)
+            chunks = [await anext(stream)]
+            with COMPUTE_LOCK:  # the reply is stuck mid-way while the second model loads
+                second = await registry.get(local("second"))
+            chunks += [chunk async for chunk in stream]
+            assert first.worker._thread.is_alive()
+        assert not first.worker._thread.is_alive()  # closed once the reply ended
+        assert chunks[-1].finish_reason and text(chunks) == text(await collect(model, messages, params))
+        assert (await collect(second, messages, params))[-1].finish_reason
+        assert len(loads) == 2
+    finally:
+        await registry.close()

@@ -18,7 +18,8 @@ from bot.config import Settings
 from bot.conversation import ConvKey
 from bot.engine import Engine
 from bot.platforms.slack_bot import SlackBot, SlackConfigError, create_slack_app, create_web_app, run_slack
-from bot.platforms.slack_format import MESSAGE_LIMIT, open_fence, safe_to_send, split_message, to_mrkdwn
+from bot.platforms.slack_format import MESSAGE_LIMIT, safe_to_send, to_mrkdwn
+from bot.render import open_fence
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
 from slack_api import APP_TOKEN, BOT_TOKEN, BOT_USER, SIGNING_SECRET, TEAM, FakeSlackApi, SlackApp, sign
 
@@ -386,15 +387,6 @@ def test_markdown_becomes_mrkdwn_with_links_kept_and_brackets_escaped():
     assert to_mrkdwn("**Bold** [docs](https://x.y/a?b=1) if a < b & c") == "*Bold* <https://x.y/a?b=1|docs> if a &lt; b &amp; c"
 
 
-def test_split_closes_and_reopens_code_blocks():
-    text = "Intro\n```python\n" + "\n".join(f"x = {n}" for n in range(1500)) + "\n```\nDone."
-    pieces = split_message(text, 2000)
-
-    assert len(pieces) > 1 and all(len(p) <= 2000 for p in pieces)
-    assert all(open_fence(p) is None for p in pieces)
-    assert all(p.startswith("```python") for p in pieces[1:])
-
-
 def test_stream_holds_back_a_mention_that_may_be_incomplete():
     assert safe_to_send("ok <!chan") == 3
     assert safe_to_send("ok @ever") == 3
@@ -407,29 +399,20 @@ def test_stream_does_not_hold_back_a_plain_less_than_sign():
     assert safe_to_send("if a < b then") == len("if a < b then")
 
 
-def test_split_keeps_inline_code_at_a_line_start_out_of_the_next_piece():
-    text = "```ls -la``` lists the folder.\n\n" + "word " * 1000
-    pieces = split_message(text, 2000)
-
-    assert len(pieces) > 1 and all(len(p) <= 2000 for p in pieces)
-    assert " ".join("".join(pieces).split()) == " ".join(text.split())
-
-
-def test_split_of_an_overlong_fence_line_stays_within_the_limit():
-    pieces = split_message("```" + "a" * 5000, 3900)
-
-    assert all(len(p) <= 3900 for p in pieces)
-
-
 class _Registrations:
     """Takes bolt's registration calls, to read back what `SlackBot.register` listens to."""
 
     def __init__(self):
         self.commands: set[str] = set()
         self.events: set[str] = set()
+        self.views: set[str] = set()
 
     def middleware(self, function):
         return function
+
+    def view(self, callback_id: str):
+        self.views.add(callback_id)
+        return lambda listener: listener
 
     def command(self, name: str):
         self.commands.add(name)
@@ -451,3 +434,6 @@ async def test_manifest_declares_exactly_the_commands_and_events_the_app_handles
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     needed = {"app_mention": "app_mentions:read", "message.im": "im:history"}
     assert {needed[event] for event in events} | {"commands", "chat:write"} <= scopes
+    # The persona forms come back as signed view_submission requests to the same URL.
+    assert registered.views and manifest["settings"]["interactivity"]["is_enabled"]
+    assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")

@@ -12,6 +12,7 @@ import typer
 
 from bot import logs
 from bot.config import Settings
+from bot.conversation import Workspace
 
 app = typer.Typer(help="A chatbot for Discord and Slack whose voice is a switchable persona.", no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def _setup() -> None:
 @app.command()
 def chat(
     persona: Annotated[Optional[str], typer.Option(help="Switch this channel to persona P first.")] = None,
+    workspace: Annotated[str, typer.Option(help="Terminal workspace: its own personas, knowledge and usage.")] = "local",
     channel: Annotated[str, typer.Option(help="Terminal channel name; each keeps its own history.")] = "local",
     user: Annotated[str, typer.Option(help="Your user name in the history.")] = "local",
 ) -> None:
@@ -32,6 +34,10 @@ def chat(
     from bot.platforms.terminal import chat as terminal_chat
 
     settings = Settings()
+    try:
+        Workspace.parse(f"terminal:{workspace}")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--workspace") from None
     _ensure_local_model(settings)
 
     async def main() -> None:
@@ -42,7 +48,7 @@ def chat(
         # Syncs knowledge/ first, then keeps watching it, so a document dropped in mid-chat is used.
         watcher = asyncio.create_task(engine.retriever.watch(stop), name="knowledge-watch") if engine.retriever else None
         try:
-            await terminal_chat(engine, persona=persona, channel=channel, user=user)
+            await terminal_chat(engine, persona=persona, workspace=workspace, channel=channel, user=user)
         finally:
             stop.set()
             if watcher is not None:
@@ -138,7 +144,7 @@ def _ensure_local_model(settings: Settings) -> None:
 
 from bot.cli import finetune, history, knowledge, models, personas  # noqa: E402  (sub-apps register after the root app exists)
 
-app.add_typer(personas.app, name="personas", help="List, show, validate and import personas.")
+app.add_typer(personas.app, name="personas", help="List, show, validate, import and export personas.")
 app.add_typer(models.app, name="models", help="Fetch and list local models.")
 app.add_typer(knowledge.app, name="knowledge")
 app.add_typer(history.app, name="history", help="Export stored conversations.")

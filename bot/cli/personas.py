@@ -1,45 +1,97 @@
 """`personabot personas …`: list, show, validate and import persona files."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TypeVar
 
 import typer
 
 from bot.character_card import load_card, persona_from_card
 from bot.config import Settings
+from bot.conversation import Workspace
+from bot.history import HistoryStore
+from bot.persona_catalog import Origin, PersonaCatalog
 from bot.personas import SUFFIXES, PersonaError, PersonaLibrary, UnknownPersona, dump_persona, load_persona
 
-app = typer.Typer(help="List, show, validate and import personas.", no_args_is_help=True)
+app = typer.Typer(help="List, show, validate, import and export personas.", no_args_is_help=True)
+T = TypeVar("T")
+
+
+WorkspaceOption = Annotated[
+    Optional[str], typer.Option(help="A workspace (discord:GUILD, slack:TEAM, terminal:NAME): its own personas too.")
+]
+
+
+def _in_workspace(workspace: str | None, work: Callable[[PersonaCatalog, Workspace], Awaitable[T]]) -> T:
+    """Runs `work` on the catalog a workspace sees, read from the history database."""
+    try:
+        where = Workspace.parse(workspace or "")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--workspace") from None
+    settings = Settings()
+
+    async def main() -> T:
+        history = await HistoryStore.open(settings.db_path)
+        try:
+            return await work(PersonaCatalog(PersonaLibrary(settings.personas_dir), history), where)
+        finally:
+            await history.close()
+
+    return asyncio.run(main())
 
 
 @app.command("list")
-def list_personas() -> None:
+def list_personas(workspace: WorkspaceOption = None) -> None:
     """Show every persona: name, display name and description (* marks the default)."""
     settings = Settings()
     library = PersonaLibrary(settings.personas_dir)
-    personas = library.all()
+    if workspace:
+        entries = _in_workspace(workspace, lambda catalog, where: catalog.entries(where))
+        personas = [(e.persona, "" if e.origin is Origin.SHIPPED else f" ({e.origin.value})") for e in entries.values()]
+    else:
+        personas = [(p, "") for p in library.all()]
     if not personas:
         typer.echo(f"no personas in {settings.personas_dir}")
-    width = max((len(p.name) for p in personas), default=0) + 2
-    for persona in personas:
+    width = max((len(p.name) for p, _ in personas), default=0) + 2
+    for persona, origin in personas:
         mark = "*" if persona.name == settings.default_persona else " "
         about = f" — {persona.description}" if persona.description else ""
-        typer.echo(f"{mark} {persona.name:<{width}}{persona.display_name}{about}")
+        typer.echo(f"{mark} {persona.name:<{width}}{persona.display_name}{origin}{about}")
     for errors in library.errors.values():
         for error in errors:
             typer.echo(f"warning: {error}", err=True)
 
 
 @app.command()
-def show(name: Annotated[str, typer.Argument(help="Persona name.")]) -> None:
-    """Print a persona as YAML."""
+def show(name: Annotated[str, typer.Argument(help="Persona name.")], workspace: WorkspaceOption = None) -> None:
+    """Print a persona as YAML (as the workspace sees it, with --workspace)."""
     try:
-        persona = PersonaLibrary(Settings().personas_dir).get(name)
+        if workspace:
+            persona = _in_workspace(workspace, lambda catalog, where: catalog.get(where, name))
+        else:
+            persona = PersonaLibrary(Settings().personas_dir).get(name)
     except UnknownPersona as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(dump_persona(persona), nl=False)
+
+
+@app.command()
+def export(
+    workspace: Annotated[str, typer.Option(help="The workspace whose own personas to export, e.g. discord:1234.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write NAME.yaml files into this folder instead of stdout.")] = None,
+) -> None:
+    """The personas a workspace made in chat, as YAML persona files (stdout: one document each)."""
+    own = _in_workspace(workspace, lambda catalog, where: catalog.own(where))
+    if out is None:
+        typer.echo("---\n".join(dump_persona(persona) for persona in own), nl=False)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for persona in own:
+        (out / f"{persona.name}.yaml").write_text(dump_persona(persona), encoding="utf-8")
+    typer.echo(f"wrote {len(own)} persona{'' if len(own) == 1 else 's'} to {out}")
 
 
 @app.command()

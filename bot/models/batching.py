@@ -88,7 +88,7 @@ class Request:
 
     prompt_ids: list[int]
     params: GenParams
-    max_new_tokens: int
+    max_new_tokens: int  # no more than the context window has room for: the worker knows no window
     text: TextStream
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -108,14 +108,13 @@ class Request:
 class BatchWorker:
     """The thread that owns a model and serves every request to it in one shared batch."""
 
-    def __init__(self, model, stop_ids: set[int], context_window: int, *, max_batch: int = 8, max_waiting: int = 32,
+    def __init__(self, model, stop_ids: set[int], *, max_batch: int = 8, max_waiting: int = 32,
                  repetition_penalty: float = 1.0):
         self.model = model
         self.repetition_penalty = repetition_penalty
         # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); older releases lack it.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.stop_ids = stop_ids
-        self.context_window = context_window
         # Sliding-window and other special caches cannot be merged by padding: serve those one at a time.
         layers = DynamicCache(config=model.config).layers
         self.max_batch = max_batch if all(type(layer) is DynamicLayer for layer in layers) else 1
@@ -163,11 +162,14 @@ class BatchWorker:
             self._wake.notify()
 
     def close(self) -> None:
+        """Stop the thread, then let go of the model and the batch's KV cache, so their memory can be freed even
+        while something still holds this worker."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self.model, self._active, self._cache, self._mask = None, [], None, None
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -232,7 +234,6 @@ class BatchWorker:
     def _emit(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token with its own settings and stream what it adds to the reply."""
         tokens = sample(logits, rows, self.repetition_penalty, self.stop_ids).tolist()
-        window = self.context_window
         for r, token in zip(rows, tokens):
             r.next_token, r.generated = token, r.generated + 1
             if self.repetition_penalty != 1.0:
@@ -245,7 +246,7 @@ class BatchWorker:
                 piece = r.text.push(token)
                 if r.text.stopped:
                     finish = "stop"
-                elif r.generated >= r.max_new_tokens or r.position + 1 >= window:
+                elif r.generated >= r.max_new_tokens:
                     finish = "length"
             if finish and not r.text.stopped:
                 piece += r.text.flush()

@@ -1,13 +1,14 @@
 """Local transformers models (SmolLM2, GPT-2 fine-tunes, any causal LM) behind the `ChatModel` interface.
 
-Loading accepts what a server admin is likely to have: a name under `<data dir>/models/` (what
-`personabot models pull` and `personabot finetune` write), a model folder, a `.gguf` file, or a Hugging Face
-Hub id. Generation runs in one worker thread per model with continuous batching (`bot.models.batching`), so
-the event loop never waits on torch and many channels share the model at once.
+Loading accepts what a server admin is likely to have (see `bot.models.resolve`): a name under
+`<data dir>/models/`, a model folder, a `.gguf` file, or a Hugging Face Hub id. Generation runs in one worker
+thread per model with continuous batching (`bot.models.batching`), so the event loop never waits on torch and
+many channels share the model at once.
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Iterator
@@ -23,26 +24,25 @@ from transformers.utils import logging as hf_logging
 from bot.models import chat_format
 from bot.models.base import Chunk, ContextLengthError, GenParams, Message, ModelError
 from bot.models.batching import BatchWorker, Request, TextStream
+from bot.models.resolve import PULL_HINT, LocalSource, resolve_local
 
 log = logging.getLogger(__name__)
 
-PULL_HINT = ("Run `personabot models pull smollm2` to download the default local model, or set "
-             "PERSONABOT_LOCAL_MODEL to a model folder or .gguf file.")
-
 
 class LocalChatModel:
-    """A causal LM from transformers, served to many conversations at once."""
+    """A causal LM from transformers, served to many conversations at once.
 
-    def __init__(self, name: str, model, tokenizer, *, context_window: int | None = None, max_batch: int = 8,
-                 max_waiting: int = 32):
+    `context_window` is the model's own; a shallow copy with a lower one (what `ModelRegistry` hands a persona
+    that asks for less) shares the weights, tokenizer and worker, and is held to its lower window.
+    """
+
+    def __init__(self, name: str, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 32):
         self.name = name
-        self.model = model.eval()
         self.tokenizer = tokenizer
+        model.eval()
         config = model.config
-        native = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-                     or tokenizer.model_max_length)
-        # A persona may ask for less context than the model was trained with (faster, less memory), never more.
-        self.context_window = min(native, context_window or native)
+        self.context_window = int(getattr(config, "n_positions", None)
+                                  or getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
         # Counting a long history is how trimming works, not an error: stop the tokenizer warning about it.
         tokenizer.model_max_length = VERY_LARGE_INTEGER
         self.uses_chat_template = bool(tokenizer.chat_template)
@@ -54,41 +54,35 @@ class LocalChatModel:
         # The model's own generation config may ask for a repetition penalty (`models pull smollm2` sets one);
         # honouring it keeps replies the same as `model.generate` gives.
         penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None) or 1.0
-        self.worker = BatchWorker(model, _stop_ids(model, tokenizer), self.context_window,
-                                  max_batch=max_batch, max_waiting=max_waiting, repetition_penalty=penalty)
+        self.worker = BatchWorker(model, _stop_ids(model, tokenizer), max_batch=max_batch, max_waiting=max_waiting,
+                                  repetition_penalty=penalty)
+
+    @property
+    def model(self):
+        """The weights live in the worker alone, so closing it frees them whoever still holds this object."""
+        return self.worker.model
 
     @classmethod
-    def load(cls, source: str, models_dir: Path, **kwargs) -> LocalChatModel:
-        """Load `source`: a name under `models_dir`, a model folder, a `.gguf` file, or a Hub id."""
-        if not source.strip():
-            raise ModelError(f"No local model named. {PULL_HINT}")
+    def load(cls, source: str | LocalSource, models_dir: Path, **kwargs) -> LocalChatModel:
+        """Load `source`: a name under `models_dir`, a model folder, a `.gguf` file, a Hub id, or one already
+        resolved (the registry resolves first, to know whether it has the model already). A path under the data
+        dir is looked for under `models_dir`'s parent, which is where `Settings` puts it."""
+        if isinstance(source, str):
+            source = resolve_local(source, models_dir, Path(models_dir).parent)
         _limit_threads()
-        path = Path(source).expanduser()
-        named = Path(models_dir) / source
-        if source and "/" not in source and os.sep not in source and named.is_dir():
-            folder, options = named, {}
-        elif path.is_dir():
-            folder, options = path, {}
-        elif path.suffix.lower() == ".gguf":
-            if not path.is_file():
-                raise ModelError(f"No GGUF file at {path}. {PULL_HINT}")
-            folder, options = path.parent, {"gguf_file": path.name}
-        elif path.is_absolute() or source.startswith((".", "~")) or path.exists():
-            raise ModelError(f"No model folder at {path}. {PULL_HINT}")
-        else:
-            folder, options = source, {}  # a Hub id: works for users who can reach the Hub
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "auto" if device == "cuda" else torch.float32
+        hub = source.kind == "hub"
         try:
             # A bar for a sub-second load from disk is noise in the chat; a Hub download keeps its bar.
-            with _progress_bars(shown=not isinstance(folder, Path)):
-                tokenizer = AutoTokenizer.from_pretrained(folder, **options)
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options).to(device)
+            with _progress_bars(shown=hub):
+                tokenizer = AutoTokenizer.from_pretrained(source.target, **source.options)
+                model = AutoModelForCausalLM.from_pretrained(source.target, dtype=dtype, **source.options).to(device)
         except (OSError, ValueError, ImportError) as exc:
-            where = f"{folder}" if isinstance(folder, Path) else f"'{source}' (not under {models_dir}, not a file)"
+            where = f"'{source.name}' (not under {models_dir}, not a file)" if hub else source.target
             raise ModelError(f"Could not load the local model {where}: {exc}. {PULL_HINT}") from exc
-        log.info("loaded local model %s on %s", source, device)
-        return cls(source, model, tokenizer, **kwargs)
+        log.info("loaded local model %s on %s", source.name, device)
+        return cls(source.name, model, tokenizer, **kwargs)
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """The token ids the model sees: its own chat template when it has one, else personabot's chat format."""
@@ -107,8 +101,10 @@ class LocalChatModel:
         if len(ids) >= self.context_window:
             raise ContextLengthError(
                 f"The conversation is {len(ids)} tokens; {self.name} holds {self.context_window}.")
+        # The reply ends with "length" where the context is full, however many tokens the persona allowed.
+        room = self.context_window - len(ids)
         request = Request(
-            prompt_ids=ids, params=params, max_new_tokens=max(1, params.max_tokens),
+            prompt_ids=ids, params=params, max_new_tokens=max(1, min(params.max_tokens, room)),
             text=TextStream(self.tokenizer, tuple(params.stop) + self._stops), loop=asyncio.get_running_loop())
         self.worker.submit(request)
         try:
@@ -123,7 +119,11 @@ class LocalChatModel:
             request.cancelled = True  # a reader that stops listening frees its place in the batch
 
     def close(self) -> None:
+        """Stop the worker thread and free the weights' memory (RAM, or GPU memory back to the driver)."""
         self.worker.close()
+        gc.collect()  # modules hold reference cycles: without a collection the weights outlive the close
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _strip_specials(self, text: str) -> str:
         """Users typing `<|im_end|>` must not be able to end their turn and speak as the assistant."""

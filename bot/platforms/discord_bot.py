@@ -59,7 +59,7 @@ class PersonaBot(commands.Bot):
         if not await self.is_addressed(message):
             return
         text = self.strip_own_mention(message.content, message.guild)
-        incoming = make_incoming(self.engine.is_admin, message.author, message.channel, text)
+        incoming = make_incoming(self.engine, message.author, message.channel, text)
         if not text:
             if isinstance(message.channel, discord.DMChannel) or self.user in message.mentions:
                 await self.introduce(message, incoming)

@@ -1,70 +1,187 @@
-"""Slash commands: /persona, /reset, /ask, /knowledge, /channel.
+"""The command table (bot/commands.py) rendered as Discord app commands, autocomplete and modals.
 
-Discord only honours `default_permissions` on top-level commands, so it hides /channel from members without
-Manage Server, while /persona and /knowledge mix public and admin subcommands. Either way every admin action
-is checked again here and in the engine (server admins can re-grant any command to anyone in Integrations
-settings); a refusal is ephemeral, says why, and changes nothing. The engine writes the audit rows.
+Discord only honours `default_permissions` on top-level commands, so it hides an all-admin group (/channel)
+and admin commands (/usage) from members without Manage Server, while /persona and /knowledge mix public and
+admin subcommands. Either way the engine checks every admin action again (server admins can re-grant any
+command to anyone in Integrations settings); a refusal is ephemeral, says why, and changes nothing.
 """
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import inspect
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
-import yaml
 from discord import app_commands
 
-from bot.conversation import Incoming
-from bot.engine import Engine, KnowledgeDisabled, NotAdmin
-from bot.personas import NAME_PATTERN, Persona, PersonaError, UnknownPersona, parse_persona
-from bot.platforms.discord_reply import ReplyStream, conv_key, make_incoming, safe_mentions
-from bot.platforms.discord_split import DISCORD_LIMIT, split_message
+from bot import commands
+from bot.conversation import Attachment, Incoming
+from bot.engine import Engine
+from bot.platforms.discord_reply import DISCORD_LIMIT, ReplyStream, conv_key, make_incoming, safe_mentions
+from bot.render import split_message
+from bot.render_text import clip
 
 if TYPE_CHECKING:
     from bot.platforms.discord_bot import PersonaBot
 
 log = logging.getLogger(__name__)
 
-MODAL_TEXT_LIMIT = 4000  # Discord's cap on a text input
 THREAD_NAME_LIMIT = 100  # Discord's cap on a channel or thread name
-KNOWLEDGE_OFF = (
-    "Knowledge is not enabled on this bot, so there are no documents to add or search. "
-    "The operator can turn it on by installing the knowledge extras and restarting."
-)
+TITLE_LIMIT = 45  # Discord's cap on a modal's title and a text input's label
+ANSWER_WITHIN = 2.0  # seconds a command may take before the answer is deferred (Discord allows three)
+ADMIN_ONLY = discord.Permissions(manage_guild=True)
 
 
 def add_commands(bot: "PersonaBot") -> None:
+    for name, group in commands.groups().items():
+        if len(group) == 1 and group[0].path == name:
+            bot.tree.add_command(_app_command(bot, group[0], None))
+            continue
+        admin_only = all(cmd.admin for cmd in group)
+        parent = app_commands.Group(name=name, description=commands.GROUPS[name], guild_only=admin_only,
+                                    default_permissions=ADMIN_ONLY if admin_only else None)
+        for cmd in group:
+            _app_command(bot, cmd, parent)
+        bot.tree.add_command(parent)
+    bot.tree.add_command(app_commands.Command(name="thread", description=THREAD_HELP, callback=_thread_command(bot)))
+
+    @bot.tree.error
+    async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        log.error("slash command failed", exc_info=error)
+        try:
+            await say(interaction, f"Sorry, that command failed ({type(getattr(error, 'original', error)).__name__}).")
+        except discord.HTTPException:
+            pass  # the interaction expired; the log has it
+
+
+def _app_command(bot: "PersonaBot", cmd: commands.Command, parent: app_commands.Group | None) -> app_commands.Command:
+    """One table entry as an app command whose options are the entry's arguments."""
     engine = bot.engine
-    tree = bot.tree
-    tree.add_command(PersonaCommands(engine))
-    tree.add_command(KnowledgeCommands(engine))
-    tree.add_command(ChannelCommands(engine))
 
-    @tree.command(name="reset", description="Start a fresh conversation in this channel (the log is kept).")
-    async def reset(interaction: discord.Interaction) -> None:
-        async with refusals(interaction):
-            await engine.reset(incoming_for(engine, interaction))
-            await say(interaction, "Context cleared: I start fresh from here.", ephemeral=False)
+    async def callback(interaction: discord.Interaction, **options: Any) -> None:
+        args = {name: _attachment(value) if isinstance(value, discord.Attachment) else value
+                for name, value in options.items()}
+        await render(bot, interaction, commands.run(engine, incoming_for(engine, interaction), cmd.path, args))
 
-    @tree.command(name="ask", description="A one-off question, answered without this channel's history.")
-    @app_commands.describe(question="What to ask")
-    async def ask(interaction: discord.Interaction, question: str) -> None:
+    parameters = [inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation=discord.Interaction)]
+    for arg in cmd.args:
+        kind = discord.Attachment if arg.kind == "file" else str
+        parameters.append(inspect.Parameter(
+            arg.name, inspect.Parameter.KEYWORD_ONLY,
+            annotation=kind if arg.required else kind | None, default=inspect.Parameter.empty if arg.required else None))
+    callback.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    callback.__discord_app_commands_param_description__ = {a.name: a.help for a in cmd.args}  # type: ignore[attr-defined]
+    name = cmd.path.split()[-1]
+    command = app_commands.Command(
+        name=name, description=cmd.help, callback=callback, parent=parent,
+        extras={"path": cmd.path},
+    )
+    if parent is None and cmd.admin:
+        command.default_permissions = ADMIN_ONLY
+    for arg in cmd.args:
+        if (complete := AUTOCOMPLETE.get(arg.kind)) is not None:
+            command.autocomplete(arg.name)(_completer(engine, complete))
+    if parent is not None:
+        parent.add_command(command)
+    return command
+
+
+async def render(bot: "PersonaBot", interaction: discord.Interaction, running) -> None:
+    """Shows what a command returned: a modal, a streamed answer, or text (ephemeral unless public)."""
+    task = asyncio.ensure_future(running)
+    done, _ = await asyncio.wait({task}, timeout=ANSWER_WITHIN)
+    if not done:  # an upload being indexed, the embedding model loading: keep the interaction alive
+        await interaction.response.defer(ephemeral=True, thinking=True)
+    result = await task
+    if isinstance(result, commands.Form):
+        await interaction.response.send_modal(CommandForm(bot.engine, result))
+    elif isinstance(result, commands.Stream):
+        await _stream(bot, interaction, result)
+    else:
+        await say(interaction, result.text, ephemeral=not result.public)
+
+
+async def _stream(bot: "PersonaBot", interaction: discord.Interaction, result: commands.Stream) -> None:
+    if not interaction.response.is_done():
         await interaction.response.defer(thinking=True)
-        mentions = safe_mentions()
+    mentions = safe_mentions()
 
-        async def first(content: str) -> discord.InteractionMessage:
-            return await interaction.edit_original_response(content=content, allowed_mentions=mentions)
+    async def first(content: str) -> discord.InteractionMessage:
+        return await interaction.edit_original_response(content=content, allowed_mentions=mentions)
 
-        async def more(content: str) -> discord.WebhookMessage:
-            return await interaction.followup.send(content, wait=True, allowed_mentions=mentions)
+    async def more(content: str) -> discord.WebhookMessage:
+        return await interaction.followup.send(content, wait=True, allowed_mentions=mentions)
 
-        stream = ReplyStream(first, more, mentions=mentions, interval=bot.edit_interval)
-        await stream.run(engine.reply(incoming_for(engine, interaction, question), use_history=False))
+    await ReplyStream(first, more, mentions=mentions, interval=bot.edit_interval).run(result.pieces)
 
-    @tree.command(name="thread", description="Start a thread where I answer every message, with its own history.")
+
+class CommandForm(discord.ui.Modal):
+    """A core form as a modal; what comes back goes to `commands.submit`, which validates it like a file."""
+
+    def __init__(self, engine: Engine, form: commands.Form):
+        super().__init__(title=clip(form.title, TITLE_LIMIT), timeout=30 * 60)
+        self.engine = engine
+        self.form = form
+        self.inputs: dict[str, discord.ui.TextInput] = {}
+        for field in form.fields:
+            self.inputs[field.id] = discord.ui.TextInput(
+                label=clip(field.label, TITLE_LIMIT), default=field.value or None, required=field.required,
+                max_length=field.max_length, placeholder=field.placeholder[:100] or None,
+                style=discord.TextStyle.paragraph if field.multiline else discord.TextStyle.short,
+            )
+            self.add_item(self.inputs[field.id])
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        values = {name: item.value for name, item in self.inputs.items()}
+        reply = await commands.submit(self.engine, incoming_for(self.engine, interaction), self.form.id,
+                                      self.form.state, values)
+        await say(interaction, reply.text, ephemeral=not reply.public)
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        # Without this a failed save (a dead database) shows only Discord's generic failure.
+        log.error("form failed", exc_info=error)
+        try:
+            await say(interaction, f"Not saved: {type(error).__name__}: {error}")
+        except discord.HTTPException:
+            pass  # the interaction expired; the log has it
+
+
+# -- autocomplete ------------------------------------------------------------------------------------
+
+
+async def _persona_choices(engine: Engine, incoming: Incoming, current: str) -> list[app_commands.Choice[str]]:
+    entries = await engine.personas.entries(incoming.workspace)
+    return [app_commands.Choice(name=clip(f"{e.persona.display_name} ({name})", 100), value=name)
+            for name, e in entries.items() if current in name or current in e.persona.display_name.lower()]
+
+
+async def _collection_choices(engine: Engine, incoming: Incoming, current: str) -> list[app_commands.Choice[str]]:
+    if engine.retriever is None:
+        return []
+    names, _ = await engine.knowledge_collections(incoming)
+    return [app_commands.Choice(name=name, value=name) for name in names if current in name]
+
+
+AUTOCOMPLETE = {"persona": _persona_choices, "collection": _collection_choices}
+
+
+def _completer(engine: Engine, choices):
+    async def complete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return (await choices(engine, incoming_for(engine, interaction), current.lower()))[:25]
+
+    return complete
+
+
+# -- Discord's own: /thread ----------------------------------------------------------------------------
+
+THREAD_HELP = "Start a thread where I answer every message, with its own history."
+
+
+def _thread_command(bot: "PersonaBot"):
+    engine = bot.engine
+
     @app_commands.describe(topic="What the thread is about (its name)")
     async def thread(interaction: discord.Interaction, topic: str | None = None) -> None:
         where = interaction.channel
@@ -74,7 +191,7 @@ def add_commands(bot: "PersonaBot") -> None:
         persona = await engine.active_persona(conv_key(where))
         try:
             started = await where.create_thread(
-                name=_clip(topic or f"Chat with {persona.display_name}", THREAD_NAME_LIMIT),
+                name=clip(topic or f"Chat with {persona.display_name}", THREAD_NAME_LIMIT),
                 type=discord.ChannelType.public_thread, reason=f"/thread by {interaction.user}",
             )
         except discord.Forbidden:
@@ -84,20 +201,18 @@ def add_commands(bot: "PersonaBot") -> None:
                            "no mention needed, and remember only what is said here.", allowed_mentions=safe_mentions())
         await say(interaction, f"Started {started.mention}.", ephemeral=False)
 
-    @tree.error
-    async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
-        log.error("slash command failed", exc_info=error)
-        try:
-            await say(interaction, f"Sorry, that command failed ({type(getattr(error, 'original', error)).__name__}).")
-        except discord.HTTPException:
-            pass  # the interaction expired; the log has it
+    return thread
 
 
 # -- helpers ---------------------------------------------------------------------------------------
 
 
 def incoming_for(engine: Engine, interaction: discord.Interaction, text: str = "") -> Incoming:
-    return make_incoming(engine.is_admin, interaction.user, interaction.channel, text)
+    return make_incoming(engine, interaction.user, interaction.channel, text)
+
+
+def _attachment(file: discord.Attachment) -> Attachment:
+    return Attachment(file.filename, file.size, file.read)
 
 
 async def say(interaction: discord.Interaction, content: str, *, ephemeral: bool = True) -> None:
@@ -107,274 +222,3 @@ async def say(interaction: discord.Interaction, content: str, *, ephemeral: bool
             await interaction.followup.send(part, ephemeral=ephemeral, allowed_mentions=safe_mentions())
         else:
             await interaction.response.send_message(part, ephemeral=ephemeral, allowed_mentions=safe_mentions())
-
-
-@asynccontextmanager
-async def refusals(interaction: discord.Interaction) -> AsyncIterator[None]:
-    """Turns the engine's "no" into an ephemeral answer that says why."""
-    try:
-        yield
-    except NotAdmin as exc:
-        await say(interaction, str(exc))
-    except UnknownPersona as exc:
-        await say(interaction, f"There is {exc}.")
-    except KnowledgeDisabled:
-        await say(interaction, KNOWLEDGE_OFF)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# -- /persona --------------------------------------------------------------------------------------
-
-
-class PersonaCommands(app_commands.Group, name="persona", description="The bot's voice in this channel"):
-    def __init__(self, engine: Engine):
-        super().__init__()
-        self.engine = engine
-
-    async def persona_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        current = current.lower()
-        return [
-            app_commands.Choice(name=f"{p.display_name} ({p.name})"[:100], value=p.name)
-            for p in self.engine.personas.all()
-            if current in p.name or current in p.display_name.lower()
-        ][:25]
-
-    @app_commands.command(name="list", description="Personas this bot can speak as")
-    async def list_(self, interaction: discord.Interaction) -> None:
-        active = await self.engine.active_persona(incoming_for(self.engine, interaction).key)
-        lines = [
-            f"{'▶' if p.name == active.name else '•'} **{p.display_name}** (`{p.name}`)"
-            + (f": {p.description}" if p.description else "")
-            for p in self.engine.personas.all()
-        ]
-        await say(interaction, "\n".join(lines) + "\n\n▶ = active here. Admins switch with `/persona set`.")
-
-    @app_commands.command(name="show", description="A persona's prompt and settings (default: the active one)")
-    @app_commands.describe(name="Persona name")
-    async def show(self, interaction: discord.Interaction, name: str | None = None) -> None:
-        async with refusals(interaction):
-            key = incoming_for(self.engine, interaction).key
-            persona = self.engine.personas.get(name) if name else await self.engine.active_persona(key)
-            model = persona.model.model_dump(exclude_none=True)
-            header = "\n".join(
-                line
-                for line in (
-                    f"**{persona.display_name}** (`{persona.name}`)",
-                    persona.description,
-                    f"Model: `{model}`" if model else "",
-                    f"Knowledge: {', '.join(persona.knowledge)}" if persona.knowledge else "",
-                    f"Few-shot examples: {len(persona.examples)}" if persona.examples else "",
-                )
-                if line
-            )
-            prompt = persona.system.replace("```", "`\u200b``")
-            room = DISCORD_LIMIT - len(header) - len("\n```\n\n```")
-            await say(interaction, f"{header}\n```\n{_clip(prompt, room)}\n```")
-
-    @app_commands.command(name="set", description="Switch this channel's persona (admins; clears the context)")
-    @app_commands.describe(name="Persona name")
-    async def set_(self, interaction: discord.Interaction, name: str) -> None:
-        async with refusals(interaction):
-            incoming = incoming_for(self.engine, interaction)
-            if incoming.is_private:
-                # A DM is the asker's own conversation: choosing its voice touches nobody else.
-                incoming = dataclasses.replace(incoming, is_admin=True)
-            persona = await self.engine.set_persona(incoming, name)
-            await say(
-                interaction,
-                f"Now speaking as **{persona.display_name}** here. Fresh context from this message on.",
-                ephemeral=False,
-            )
-
-    @app_commands.command(name="create", description="Write a new persona in a form (admins)")
-    @app_commands.describe(name="Lowercase letters, digits and '-'; also the file name")
-    async def create(self, interaction: discord.Interaction, name: str) -> None:
-        async with refusals(interaction):
-            # Checked before the form opens, so nobody types a whole prompt only to be refused.
-            self.engine.require_admin(incoming_for(self.engine, interaction), "create personas")
-            if not NAME_PATTERN.fullmatch(name):
-                await say(interaction, "Persona names are lowercase letters, digits and '-' (it is the file name too).")
-                return
-            if name in self.engine.personas.names():
-                await say(interaction, f"`{name}` already exists; use `/persona edit {name}`.")
-                return
-            await interaction.response.send_modal(PersonaForm(self.engine, name, None))
-
-    @app_commands.command(name="edit", description="Edit a persona's prompt in a form (admins)")
-    @app_commands.describe(name="Persona name")
-    async def edit(self, interaction: discord.Interaction, name: str) -> None:
-        async with refusals(interaction):
-            self.engine.require_admin(incoming_for(self.engine, interaction), "edit personas")
-            persona = self.engine.personas.get(name)
-            form = PersonaForm(self.engine, name, persona)
-            # Discord refuses a whole form whose prefilled field is longer than that field may be.
-            if any(len(item.default or "") > item.max_length for item in form.inputs):
-                await say(interaction, f"`{name}` is longer than a Discord form holds; edit its YAML file instead.")
-                return
-            await interaction.response.send_modal(form)
-
-    show.autocomplete("name")(persona_names)
-    set_.autocomplete("name")(persona_names)
-    edit.autocomplete("name")(persona_names)
-
-
-class PersonaForm(discord.ui.Modal):
-    """The persona file's fields as a form; what it builds is validated by `parse_persona`, like any file."""
-
-    def __init__(self, engine: Engine, name: str, persona: Persona | None):
-        super().__init__(title=_clip(f"{'Edit' if persona else 'New'} persona: {name}", 45), timeout=30 * 60)
-        self.engine = engine
-        self.name = name
-        self.creating = persona is None
-        extra = ""
-        if persona is not None:
-            rest = {
-                key: value
-                for key, value in (
-                    ("examples", [dict(turn) for turn in persona.examples]),
-                    ("model", persona.model.model_dump(exclude_none=True)),
-                    ("knowledge", list(persona.knowledge)),
-                )
-                if value
-            }
-            extra = yaml.safe_dump(rest, sort_keys=False, allow_unicode=True) if rest else ""
-        self.display_name = discord.ui.TextInput(
-            label="Display name", required=False, max_length=100, default=persona.display_name if persona else None
-        )
-        self.description = discord.ui.TextInput(
-            label="Description", required=False, max_length=300, default=persona.description if persona else None
-        )
-        self.system = discord.ui.TextInput(
-            label="System prompt", style=discord.TextStyle.paragraph, max_length=MODAL_TEXT_LIMIT,
-            default=persona.system if persona else None,
-            placeholder="You are … Speak in … Never …",
-        )
-        self.extra = discord.ui.TextInput(
-            label="Examples, model, knowledge (YAML, optional)", style=discord.TextStyle.paragraph, required=False,
-            max_length=MODAL_TEXT_LIMIT, default=extra or None,
-            placeholder="model: {temperature: 0.9}\nknowledge: [handbook]",
-        )
-        self.inputs = [self.display_name, self.description, self.system, self.extra]
-        for item in self.inputs:
-            self.add_item(item)
-
-    def persona_yaml(self) -> str:
-        """The form as a persona file; the free YAML goes first so its line numbers match what was typed."""
-        fields = {"name": self.name, "display_name": self.display_name.value, "description": self.description.value,
-                  "system": self.system.value}
-        fields = {key: value for key, value in fields.items() if value.strip()}
-        extra = self.extra.value.rstrip()
-        return (extra + "\n" if extra else "") + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
-
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        async with refusals(interaction):
-            try:
-                persona = parse_persona(self.persona_yaml(), "form")
-            except PersonaError as exc:
-                problems = "\n".join(f"- {error}" for error in exc.errors)
-                await say(interaction, f"Not saved; fix these and try again:\n{problems}")
-                return
-            if self.creating and self.name in self.engine.personas.names():
-                # Another admin saved this name while the form was open; theirs is not silently replaced.
-                await say(
-                    interaction, f"Not saved: `{self.name}` was created meanwhile. Use `/persona edit {self.name}`."
-                )
-                return
-            path = await self.engine.save_persona(incoming_for(self.engine, interaction), persona)
-            await say(
-                interaction,
-                f"Saved **{persona.display_name}** to `{path.name}`. Use it with `/persona set {persona.name}`.",
-            )
-
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
-        # Without this a failed save (disk full, read-only folder) shows only Discord's generic failure.
-        log.error("persona form failed", exc_info=error)
-        try:
-            await say(interaction, f"Not saved: {type(error).__name__}: {error}")
-        except discord.HTTPException:
-            pass  # the interaction expired; the log has it
-
-
-# -- /knowledge ------------------------------------------------------------------------------------
-
-
-class KnowledgeCommands(app_commands.Group, name="knowledge", description="Documents the personas answer from"):
-    def __init__(self, engine: Engine):
-        super().__init__()
-        self.engine = engine
-
-    @app_commands.command(name="add", description="Add a document (admins): PDF, Markdown, text, HTML")
-    @app_commands.describe(file="The document", collection="Collection to add it to (default: the persona's)")
-    async def add(
-        self, interaction: discord.Interaction, file: discord.Attachment, collection: str | None = None
-    ) -> None:
-        async with refusals(interaction):
-            incoming = incoming_for(self.engine, interaction)
-            try:
-                self.engine.check_upload(incoming, file.filename, file.size)
-            except ValueError as exc:  # UploadRefused: too large
-                await say(interaction, f"Not added: {exc}")
-                return
-            await interaction.response.defer(ephemeral=True, thinking=True)
-            data = await file.read()
-            try:
-                report = await self.engine.add_knowledge(incoming, file.filename, data, collection)
-            except ValueError as exc:  # UploadRefused: wrong type, empty, too large — the reason is user-facing
-                report = f"Not added: {exc}"
-            await say(interaction, report)
-
-    @app_commands.command(name="search", description="What the active persona's documents say about something")
-    @app_commands.describe(query="What to look for")
-    async def search(self, interaction: discord.Interaction, query: str) -> None:
-        async with refusals(interaction):
-            hits = await self.engine.search_knowledge(query, incoming_for(self.engine, interaction).key)
-            if not hits:
-                await say(interaction, "Nothing in the knowledge base matches that.")
-                return
-            lines = [f"**{hit.source}** § {hit.locator} ({hit.score:.2f})\n> {_clip(' '.join(hit.text.split()), 300)}"
-                     for hit in hits]
-            await say(interaction, "\n".join(lines))
-
-    @app_commands.command(name="list", description="Knowledge collections, and the ones the active persona uses")
-    async def list_(self, interaction: discord.Interaction) -> None:
-        async with refusals(interaction):
-            retriever = self.engine.require_knowledge()
-            persona = await self.engine.active_persona(incoming_for(self.engine, interaction).key)
-            names = retriever.collections()
-            used = ", ".join(persona.knowledge) or "none"
-            await say(
-                interaction, f"Collections: {', '.join(names) or 'none yet'}\n{persona.display_name} uses: {used}"
-            )
-
-
-# -- /channel --------------------------------------------------------------------------------------
-
-
-class ChannelCommands(
-    app_commands.Group,
-    name="channel",
-    description="Where the bot answers without being mentioned (admins)",
-    guild_only=True,
-    default_permissions=discord.Permissions(manage_guild=True),
-):
-    def __init__(self, engine: Engine):
-        super().__init__()
-        self.engine = engine
-
-    @app_commands.command(name="enable", description="Answer every message in this channel and its threads")
-    async def enable(self, interaction: discord.Interaction) -> None:
-        async with refusals(interaction):
-            await self.engine.set_channel_enabled(incoming_for(self.engine, interaction), True)
-            await say(
-                interaction, "I'll answer every message in this channel now. `/channel disable` to stop.",
-                ephemeral=False,
-            )
-
-    @app_commands.command(name="disable", description="Only answer here when mentioned")
-    async def disable(self, interaction: discord.Interaction) -> None:
-        async with refusals(interaction):
-            await self.engine.set_channel_enabled(incoming_for(self.engine, interaction), False)
-            await say(interaction, "I'll only answer here when mentioned.", ephemeral=False)

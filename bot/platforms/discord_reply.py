@@ -18,16 +18,20 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import aiohttp
 import discord
 
 from bot.conversation import ConvKey, Incoming
-from bot.platforms.discord_split import DISCORD_LIMIT, close_open_fence, split_message
+from bot.render import close_open_fence, split_message
+
+if TYPE_CHECKING:
+    from bot.engine import Engine
 
 log = logging.getLogger(__name__)
 
+DISCORD_LIMIT = 2000  # characters of content Discord accepts in one message
 EDIT_INTERVAL = 1.2  # seconds between edits of one reply; see the module docstring
 RETRY_DELAYS = (2.0, 4.0, 8.0, 16.0, 32.0)
 TYPING_REFRESH = 8.0
@@ -56,23 +60,15 @@ def conv_key(channel: discord.abc.Messageable) -> ConvKey:
     return ConvKey("discord", workspace, str(getattr(channel, "id", "")))
 
 
-def is_discord_admin(engine_is_admin: Callable[[str, str], bool], user: discord.abc.User) -> bool:
-    """Manage Server in this guild, or listed in PERSONABOT_ADMINS."""
-    if engine_is_admin("discord", str(user.id)):
-        return True
+def make_incoming(engine: "Engine", user: discord.abc.User, channel: discord.abc.Messageable, text: str) -> Incoming:
+    """Who is asking: an owner (PERSONABOT_ADMINS), this server's admin (Manage Server here), or a member."""
     permissions = getattr(user, "guild_permissions", None)
-    return bool(permissions and permissions.manage_guild)
-
-
-def make_incoming(
-    engine_is_admin: Callable[[str, str], bool], user: discord.abc.User, channel: discord.abc.Messageable, text: str
-) -> Incoming:
     return Incoming(
         key=conv_key(channel),
         user_id=str(user.id),
         text=text,
         user_name=getattr(user, "display_name", user.name),
-        is_admin=is_discord_admin(engine_is_admin, user),
+        role=engine.role("discord", str(user.id), workspace_admin=bool(permissions and permissions.manage_guild)),
         is_private=getattr(channel, "guild", None) is None,  # a DM (also when it arrives as a partial channel)
     )
 
@@ -193,7 +189,7 @@ class ReplyStream:
         edit.
         """
         parts = split_message(text, DISCORD_LIMIT) or [EMPTY_REPLY]
-        parts[-1] = close_open_fence(parts[-1])
+        parts[-1] = close_open_fence(parts[-1], DISCORD_LIMIT)
         for index, part in enumerate(parts):
             if index < len(self.messages):
                 if self.shown[index] != part:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -25,13 +26,13 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import metrics
+from bot import commands, metrics
 from bot.config import Settings
-from bot.conversation import ConvKey, Incoming
-from bot.engine import KnowledgeDisabled, NotAdmin
-from bot.personas import Persona, UnknownPersona
-from bot.platforms.slack_format import MESSAGE_LIMIT, from_slack, split_message, to_mrkdwn
+from bot.conversation import Attachment, ConvKey, Incoming, Role
+from bot.platforms.slack_format import MESSAGE_LIMIT, from_slack, to_mrkdwn
 from bot.platforms.slack_reply import ChannelPacer, ThreadReply
+from bot.render import split_message
+from bot.render_text import clip
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -40,11 +41,12 @@ log = logging.getLogger(__name__)
 
 SLACK_API_URL = "https://slack.com/api/"
 RESPONSE_URL_LIMIT = 5  # Slack accepts at most five replies through one command's response_url
-PERSONA_USAGE = "Usage: `/persona list`, `/persona show [NAME]`, `/persona set NAME` (admins)."
-KNOWLEDGE_USAGE = (
-    "Usage: `/knowledge search QUERY`. To add a document (admins), share the file with me: drop it in a DM "
-    "with me, or attach it to a message that mentions me and says `add`."
+SHARE_A_FILE = (
+    "To add a document (admins), share the file with me: drop it in a DM with me, or attach it to a message "
+    "that mentions me and says `add`."
 )
+FORM_CALLBACK = "personabot_form"
+MODAL_TITLE_LIMIT = 24  # Slack's cap on a modal's title
 # A file shared with no words, or with "add …", is a document for the knowledge base; a file shared with a
 # question (a screenshot, a log) is context for that question and must not be met with an admin refusal.
 _UPLOAD_WORDS = re.compile(r"^(add|learn|upload|remember)\b", re.IGNORECASE)
@@ -152,7 +154,7 @@ async def run_slack(engine: "Engine", settings: Settings) -> None:
 
 
 class SlackBot:
-    """The listeners. Thin: each builds an `Incoming`, asks the engine, and renders what comes back."""
+    """The listeners. Thin: each builds an `Incoming`, runs the command table or the engine, renders the result."""
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
@@ -161,10 +163,9 @@ class SlackBot:
 
     def register(self, app: AsyncApp) -> None:
         app.middleware(self._drop_retries)
-        app.command("/ask")(self.ask)
-        app.command("/persona")(self.persona)
-        app.command("/reset")(self.reset)
-        app.command("/knowledge")(self.knowledge)
+        for name in commands.groups():
+            app.command(f"/{name}")(self.slash)
+        app.view(FORM_CALLBACK)(self.form_submitted)
         app.event("app_mention")(self.chat)
         app.event("message")(self.direct_message)
 
@@ -177,38 +178,53 @@ class SlackBot:
         await next()
         return None
 
-    async def _is_admin(self, client: AsyncWebClient, user_id: str) -> bool:
-        if self.engine.is_admin("slack", user_id):
-            return True
+    async def _role(self, client: AsyncWebClient, user_id: str) -> Role:
+        """Owners by PERSONABOT_ADMINS; workspace admins and owners as Slack's users.info reports them."""
+        if (role := self.engine.role("slack", user_id, workspace_admin=False)) is Role.OWNER:
+            return role
         try:
             user = (await client.users_info(user=user_id))["user"]
         except SlackApiError as exc:
             log.warning("users.info failed for %s: %s", user_id, exc.response.get("error"))
-            return False
-        return bool(user.get("is_admin") or user.get("is_owner") or user.get("is_primary_owner"))
+            return Role.MEMBER
+        admin = bool(user.get("is_admin") or user.get("is_owner") or user.get("is_primary_owner"))
+        return Role.ADMIN if admin else Role.MEMBER
 
-    async def _incoming(self, command: dict, client: AsyncWebClient, text: str = "", *, admin: bool = False) -> Incoming:
-        channel = command["channel_id"]
-        return Incoming(
-            key=ConvKey("slack", command["team_id"], channel),
-            user_id=command["user_id"],
-            text=text,
-            user_name=command.get("user_name", ""),
-            is_admin=await self._is_admin(client, command["user_id"]) if admin else False,
-            is_private=channel.startswith("D") or command.get("channel_name") == "directmessage",
-        )
+    async def _incoming(self, team: str, channel: str, user: str, client: AsyncWebClient, *,
+                        private: bool) -> Incoming:
+        return Incoming(key=ConvKey("slack", team, channel), user_id=user, text="",
+                        role=await self._role(client, user), is_private=private)
 
-    # -- slash commands ------------------------------------------------------------------------------
+    # -- slash commands: the command table -----------------------------------------------------------
 
-    async def ask(self, ack, command: dict, respond: AsyncRespond, client: AsyncWebClient) -> None:
-        question = from_slack(command.get("text", ""))
-        if not question:
-            await ack(text="Usage: `/ask QUESTION`: the channel's persona answers here, for everyone to see.")
+    async def slash(self, ack, command: dict, respond: AsyncRespond, client: AsyncWebClient) -> None:
+        line = f"{command['command']} {from_slack(command.get('text', ''))}"
+        try:
+            cmd, args = commands.parse(line)
+        except commands.Usage as exc:
+            await ack(text=to_mrkdwn(str(exc)))
             return
-        await ack(response_type="in_channel")  # shows the question in the channel while the model works
-        incoming = await self._incoming(command, client, question)
-        answer = "".join([piece async for piece in self.engine.reply(incoming)])
-        parts = split_message(to_mrkdwn(answer))
+        if any(arg.kind == "file" for arg in cmd.args):
+            await ack(text=SHARE_A_FILE)
+            return
+        # /ask shows the question in the channel while the model works; the rest answer only the asker.
+        await ack(response_type="in_channel") if cmd.path == "ask" else await ack()
+        channel = command["channel_id"]
+        private = channel.startswith("D") or command.get("channel_name") == "directmessage"
+        incoming = await self._incoming(command["team_id"], channel, command["user_id"], client, private=private)
+        result = await commands.run(self.engine, incoming, cmd.path, args)
+        if isinstance(result, commands.Form):
+            await client.views_open(trigger_id=command["trigger_id"], view=_modal(result, channel, private))
+        elif isinstance(result, commands.Stream):
+            await self._respond_stream(respond, result)
+        else:
+            kind = "in_channel" if result.public else "ephemeral"
+            for part in split_message(to_mrkdwn(result.text), MESSAGE_LIMIT):
+                await respond(text=part, response_type=kind, replace_original=False)
+
+    async def _respond_stream(self, respond: AsyncRespond, result: commands.Stream) -> None:
+        answer = "".join([piece async for piece in result.pieces])
+        parts = split_message(to_mrkdwn(answer), MESSAGE_LIMIT)
         if len(parts) > RESPONSE_URL_LIMIT:
             notice = "\n_(cut short: a slash command gets five messages at most; mention me for long answers)_"
             parts = parts[:RESPONSE_URL_LIMIT]
@@ -217,74 +233,20 @@ class SlackBot:
         for part in parts:
             await respond(text=part, response_type="in_channel", replace_original=False)
 
-    async def persona(self, ack, command: dict, respond: AsyncRespond, client: AsyncWebClient) -> None:
+    async def form_submitted(self, ack, body: dict, view: dict, client: AsyncWebClient) -> None:
+        """Save on a form the bot opened: validated by the core, errors shown on the form itself."""
+        meta = json.loads(view["private_metadata"])
+        values = {block: (state.get("value") or {}).get("value") or ""
+                  for block, state in view["state"]["values"].items()}
+        user = body["user"]["id"]
+        incoming = await self._incoming(view.get("team_id") or body["team"]["id"], meta["channel"], user, client,
+                                        private=meta["private"])
+        reply = await commands.submit(self.engine, incoming, meta["form"], meta["state"], values)
+        if not reply.ok:
+            await ack(response_action="errors", errors={_field_at_fault(reply.text, values): reply.text[:1900]})
+            return
         await ack()
-        args = command.get("text", "").split()
-        action = args[0].lower() if args else "show"
-        key = ConvKey("slack", command["team_id"], command["channel_id"])
-        active = await self.engine.active_persona(key)
-        if action == "list" and len(args) == 1:
-            lines = [
-                f"• **{p.name}**: {p.display_name}" + (f" ({p.description})" if p.description else "")
-                + ("  ← active here" if p.name == active.name else "")
-                for p in self.engine.personas.all()
-            ]
-            await respond(to_mrkdwn("\n".join(lines) or "No personas are installed."))
-        elif action == "show" and len(args) <= 2:
-            try:
-                persona = self.engine.personas.get(args[1]) if len(args) == 2 else active
-            except UnknownPersona as exc:
-                await respond(to_mrkdwn(str(exc)[0].upper() + str(exc)[1:]))
-                return
-            await respond(_describe(persona, active=persona.name == active.name))
-        elif action == "set" and len(args) == 2:
-            incoming = await self._incoming(command, client, admin=True)
-            try:
-                persona = await self.engine.set_persona(incoming, args[1])
-            except (NotAdmin, UnknownPersona) as exc:
-                await respond(to_mrkdwn(str(exc)[0].upper() + str(exc)[1:]))
-                return
-            await respond(
-                f"<@{incoming.user_id}> switched this channel to *{to_mrkdwn(persona.display_name)}* "
-                f"(`{persona.name}`); the conversation starts fresh.",
-                response_type="in_channel",
-            )
-        else:
-            await respond(PERSONA_USAGE)
-
-    async def reset(self, ack, command: dict, respond: AsyncRespond, client: AsyncWebClient) -> None:
-        await ack()
-        incoming = await self._incoming(command, client, admin=True)
-        try:
-            await self.engine.reset(incoming)
-        except NotAdmin as exc:
-            await respond(to_mrkdwn(str(exc)))
-            return
-        await respond(
-            "Done: this channel's `/ask` conversation starts fresh. Threads keep their own history; "
-            "start a new thread for a clean slate there."
-        )
-
-    async def knowledge(self, ack, command: dict, respond: AsyncRespond, client: AsyncWebClient) -> None:
-        await ack()
-        action, _, query = command.get("text", "").strip().partition(" ")
-        if action.lower() != "search" or not query.strip():
-            await respond(KNOWLEDGE_USAGE)
-            return
-        key = ConvKey("slack", command["team_id"], command["channel_id"])
-        try:
-            hits = await self.engine.search_knowledge(from_slack(query), key)
-        except KnowledgeDisabled as exc:
-            await respond(to_mrkdwn(f"{exc} An admin can enable it by starting the bot with a knowledge folder."))
-            return
-        if not hits:
-            await respond("Nothing in the knowledge base matches that.")
-            return
-        lines = [
-            f"**{hit.source}** § {hit.locator} ({hit.score:.2f})\n> {' '.join(hit.text.split())[:300]}"
-            for hit in hits
-        ]
-        await respond(split_message(to_mrkdwn("\n\n".join(lines)))[0])
+        await client.chat_postEphemeral(channel=meta["channel"], user=user, text=to_mrkdwn(reply.text))
 
     # -- conversation ---------------------------------------------------------------------------------
 
@@ -321,28 +283,27 @@ class SlackBot:
         await reply.close()
 
     async def _add_files(self, client: AsyncWebClient, files: list[dict], incoming: Incoming, thread: str) -> None:
-        """Files shared with the bot become knowledge; each gets its own report line in the thread."""
-        incoming = dataclasses.replace(incoming, is_admin=await self._is_admin(client, incoming.user_id))
+        """Files shared with the bot run `/knowledge add`; each gets its own report line in the thread."""
+        incoming = dataclasses.replace(incoming, role=await self._role(client, incoming.user_id))
         reports: list[str] = []
         for shared in files:
             name = shared.get("name") or shared["id"]
             try:
                 info: dict[str, Any] = (await client.files_info(file=shared["id"]))["file"]
-                name = info.get("name") or name
-                self.engine.check_upload(incoming, name, info.get("size", 0))  # before a byte is downloaded
-                data = await self._download(client, info)
-                reports.append(await self.engine.add_knowledge(incoming, name, data))
-            except (NotAdmin, KnowledgeDisabled) as exc:
-                reports = [str(exc)]
-                break
-            except ValueError as exc:  # UploadRefused and friends: the file, not the bot, is at fault
-                reports.append(f"{name}: {exc}")
-            except (SlackApiError, aiohttp.ClientError) as exc:
-                log.warning("could not fetch %s: %s", name, exc)
-                reports.append(f"{name}: couldn't download it from Slack ({exc}).")
-        await client.chat_postMessage(
-            channel=incoming.key.channel, thread_ts=thread, text=to_mrkdwn("\n".join(reports))
-        )
+            except SlackApiError as exc:
+                reports.append(f"{name}: couldn't read it from Slack ({exc.response.get('error')}).")
+                continue
+            file = Attachment(info.get("name") or name, info.get("size", 0),
+                              lambda info=info: self._download(client, info))
+            try:
+                result = await commands.run(self.engine, incoming, "knowledge add", {"file": file})
+            except aiohttp.ClientError as exc:
+                log.warning("could not fetch %s: %s", file.name, exc)
+                reports.append(f"{file.name}: couldn't download it from Slack ({exc}).")
+                continue
+            reports.append(result.text)
+        await client.chat_postMessage(channel=incoming.key.channel, thread_ts=thread,
+                                      text=to_mrkdwn("\n".join(dict.fromkeys(reports))))
 
     async def _download(self, client: AsyncWebClient, info: dict[str, Any]) -> bytes:
         url = info.get("url_private_download") or info["url_private"]
@@ -354,16 +315,31 @@ class SlackBot:
                 return await response.read()
 
 
-def _describe(persona: Persona, *, active: bool) -> str:
-    model = persona.model.name or persona.model.path or "the default model"
-    lines = [
-        f"**{persona.display_name}** (`{persona.name}`)" + (": active in this channel" if active else ""),
-        persona.description,
-        f"Model: {model}" + (f", temperature {persona.model.temperature}" if persona.model.temperature is not None else ""),
-        f"Knowledge: {', '.join(persona.knowledge)}" if persona.knowledge else "Knowledge: none",
-        "System prompt:",
-        "```",
-        persona.system.strip()[:2500],
-        "```",
-    ]
-    return to_mrkdwn("\n".join(line for line in lines if line))
+def _modal(form: commands.Form, channel: str, private: bool) -> dict[str, Any]:
+    """A core form as a Slack modal (views.open); `private_metadata` carries what the submission needs."""
+    blocks = []
+    for field in form.fields:
+        element: dict[str, Any] = {"type": "plain_text_input", "action_id": "value", "multiline": field.multiline,
+                                   "max_length": field.max_length}
+        if field.value:
+            element["initial_value"] = field.value
+        if field.placeholder:
+            element["placeholder"] = {"type": "plain_text", "text": field.placeholder[:150]}
+        blocks.append({"type": "input", "block_id": field.id, "optional": not field.required,
+                       "label": {"type": "plain_text", "text": field.label[:2000]}, "element": element})
+    return {
+        "type": "modal", "callback_id": FORM_CALLBACK,
+        "title": {"type": "plain_text", "text": clip(form.title, MODAL_TITLE_LIMIT)},
+        "submit": {"type": "plain_text", "text": "Save"}, "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": json.dumps({"form": form.id, "state": form.state, "channel": channel,
+                                        "private": private}),
+        "blocks": blocks,
+    }
+
+
+def _field_at_fault(text: str, values: dict[str, str]) -> str:
+    """The form field an error names (`system: required`), else the free YAML field, where most errors are."""
+    for field in values:
+        if f" {field}:" in text or f" {field}." in text:
+            return field
+    return "extra" if "extra" in values else next(iter(values))

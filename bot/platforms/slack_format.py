@@ -1,4 +1,6 @@
-"""Text to and from Slack: model Markdown to safe mrkdwn, splitting at Slack's limits, mention defusing.
+"""Text to and from Slack: model Markdown to safe mrkdwn, Slack's length limits, mention defusing.
+
+bot.render cuts a reply at these limits, by the same rule as on every other platform.
 
 The model writes Markdown and may echo `<!channel>` or `@here` (from a prompt, a document, a joke); nothing it
 writes may ping a channel or a user group, so every outgoing string passes through `defuse_mentions`.
@@ -22,9 +24,6 @@ _SPECIAL_MENTION = re.compile(r"<!(channel|here|everyone)(?:\|[^>]*)?>", re.IGNO
 _GROUP_MENTION = re.compile(r"<!subteam\^[A-Z0-9]+(?:\|@?([^>]*))?>", re.IGNORECASE)
 _PLAIN_MENTION = re.compile(r"@(channel|here|everyone)\b", re.IGNORECASE)
 _LINK = re.compile(r"<(?:https?://|mailto:)[^<>\s|]+(?:\|[^<>]*)?>")
-# CommonMark: a fence line is ``` plus an info string without backticks, so "```ls -la``` lists" is inline code.
-_FENCE = re.compile(r"^[ \t]*```([^`\n]*)$", re.MULTILINE)
-_LANGUAGE = re.compile(r"[\w+#.-]{1,30}")
 
 
 def defuse_mentions(text: str) -> str:
@@ -63,48 +62,6 @@ def from_slack(text: str, bot_user_id: str | None = None) -> str:
     text = re.sub(r"<(https?://[^|>]+)\|([^>]+)>", lambda m: m[1] if m[2] in m[1] else f"{m[2]} ({m[1]})", text)
     text = re.sub(r"<(https?://[^|>]+)>", r"\1", text)
     return html.unescape(text).strip()
-
-
-def open_fence(text: str) -> str | None:
-    """The fence that reopens a code block left open at the end of `text`, if any."""
-    fences = list(_FENCE.finditer(text))
-    if len(fences) % 2 == 0:
-        return None
-    # Only the language comes along: the rest of an opening line was shown already, and may be long enough to
-    # leave a continuation no room at all.
-    language = _LANGUAGE.match(fences[-1].group(1).strip())
-    return "```" + (language.group() if language else "")
-
-
-def _cut(text: str, limit: int) -> int:
-    """Where to end a piece of at most `limit` characters: a paragraph, line or word break if there is one."""
-    if len(text) <= limit:
-        return len(text)
-    for sep in ("\n\n", "\n", " "):
-        at = text.rfind(sep, limit // 2, limit)
-        if at != -1:
-            return at + len(sep)
-    return limit
-
-
-def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Pieces of at most `limit` characters, cut at breaks, code blocks closed and reopened across pieces."""
-    pieces: list[str] = []
-    carry = ""
-    while text:
-        room = limit - len(carry) - 4  # leave space to close a code block
-        at = _cut(text, room) if len(carry) + len(text) > limit else len(text)
-        piece = carry + text[:at]
-        text = text[at:]
-        fence = open_fence(piece) if text else None
-        if fence:
-            piece = piece.rstrip("\n") + "\n```"
-            carry = fence + "\n"
-        else:
-            carry = ""
-        if piece.strip():
-            pieces.append(piece)
-    return pieces
 
 
 def safe_to_send(text: str) -> int:

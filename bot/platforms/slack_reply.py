@@ -16,15 +16,8 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.platforms.slack_format import (
-    STREAM_LIMIT,
-    _cut,
-    defuse_mentions,
-    open_fence,
-    safe_to_send,
-    split_message,
-    to_mrkdwn,
-)
+from bot.platforms.slack_format import MESSAGE_LIMIT, STREAM_LIMIT, defuse_mentions, safe_to_send, to_mrkdwn
+from bot.render import best_cut, open_fence, split_message
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +126,7 @@ class ThreadReply:
                 )
                 self._stream_text = ""
             room = STREAM_LIMIT - len(self._reopen) - len(self._stream_text) - 4
-            at = _cut(out, room)
+            at = best_cut(self._stream_text + self._reopen, out, room)
             piece = self._reopen + out[:at]
             await self._stream.append(markdown_text=piece)
             self._reopen = ""
@@ -149,7 +142,7 @@ class ThreadReply:
 
     async def _update_out(self, out: str) -> None:
         self._markdown += out
-        for index, part in enumerate(split_message(to_mrkdwn(self._markdown))):
+        for index, part in enumerate(split_message(to_mrkdwn(self._markdown), MESSAGE_LIMIT)):
             if index < len(self._posted):
                 ts, sent = self._posted[index]
                 if sent != part:

@@ -1,16 +1,16 @@
-"""The knowledge folder kept in step with its index, and the questions the engine asks of it.
+"""The knowledge folders kept in step with their index, and the questions the engine asks of it.
 
-knowledge/<collection>/... is the source of truth. `sync` compares it with a manifest of content hashes:
-an unchanged file costs one stat, a changed one is re-chunked and only chunks whose text is new are
-embedded, a removed one leaves the index. All blocking work runs in threads, off the event loop.
+The folders are the source of truth: knowledge/<collection>/... for global knowledge and each workspace's
+own (see folders.py). `sync` compares them with a manifest of content hashes: an unchanged file costs one
+stat, a changed one is re-chunked and only chunks whose text is new are embedded, a removed one leaves the
+index. Every question and admin action names a workspace (None: global knowledge only), and sees or touches
+nothing that workspace cannot see. All blocking work runs in threads, off the event loop.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
-import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +19,18 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from bot.conversation import Workspace
 from bot.retrieval import chunk as chunking
+from bot.retrieval import folders
 from bot.retrieval import search as ranking
 from bot.retrieval.chunk import Chunk, Chunker
 from bot.retrieval.embed import Embedder
-from bot.retrieval.parse import FORMATS, UnsupportedDocument, parse
+from bot.retrieval.folders import Scope, plain, visible
+from bot.retrieval.parse import UnsupportedDocument, parse
 from bot.retrieval.search import Grounding, Hit
-from bot.retrieval.store import FileEntry, Store
+from bot.retrieval.store import FileEntry, FileRow, Store
 from bot.retrieval.uploads import DEFAULT_MAX_BYTES, UploadRefused, check, check_size, safe_collection, safe_filename
-from bot.retrieval.vectors import VectorIndex
+from bot.retrieval.vectors import Indexes
 
 T = TypeVar("T")
 
@@ -62,10 +65,11 @@ class SyncReport:
 
 
 class Retriever:
-    def __init__(self, knowledge_dir: Path, index_dir: Path, embedder: Embedder, *,
+    def __init__(self, knowledge_dir: Path, workspaces_dir: Path, index_dir: Path, embedder: Embedder, *,
                  max_upload_bytes: int | None = DEFAULT_MAX_BYTES, min_similarity: float = ranking.MIN_SIMILARITY,
                  budget_tokens: int = GROUNDING_BUDGET, progress: bool = False):
         self.knowledge_dir = knowledge_dir
+        self.workspaces_dir = workspaces_dir  # <workspaces_dir>/<platform>/<id>/knowledge/<collection>/...
         self.index_dir = index_dir
         self.embedder = embedder
         self.max_upload_bytes = max_upload_bytes
@@ -74,8 +78,7 @@ class Retriever:
         self.progress = progress
         self.store = Store(index_dir / "index.sqlite3")
         self._chunker: Chunker | None = None
-        self._indexes: dict[str, VectorIndex] = {}
-        self._index_lock = threading.Lock()  # FAISS indexes are not safe to search while they change
+        self.indexes = Indexes(index_dir / "faiss", self.store, lambda: self.embedder.dim)
         self._sync_lock = asyncio.Lock()
         self._config = f"{embedder.name}|{CHUNK_TOKENS}|{OVERLAP_TOKENS}|{chunking.VERSION}"
 
@@ -84,56 +87,66 @@ class Retriever:
         """Async: opens the store and loads (or repairs) the FAISS indexes in a thread. The model loads later,
         on the first query or ingest, so a bot whose knowledge is unchanged starts without it."""
         self = await asyncio.to_thread(
-            cls, Path(settings.knowledge_dir), Path(settings.data_dir) / "knowledge",
+            cls, Path(settings.knowledge_dir), Path(settings.data_dir) / "workspaces", Path(settings.data_dir) / "knowledge",
             embedder or Embedder.shared(settings.embed_model),
             max_upload_bytes=int(settings.knowledge_max_upload_mb * 1024 * 1024), progress=progress,
         )
-        await asyncio.to_thread(self._load_indexes)
+        await asyncio.to_thread(self.indexes.load)
         return self
 
     async def close(self) -> None:
         async with self._sync_lock:
             self.store.close()
 
-    def collections(self) -> list[str]:
-        """Collections with indexed documents, plus folders not yet synced."""
-        names = set(self.store.collections())
-        if self.knowledge_dir.is_dir():
-            names.update(p.name for p in self.knowledge_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    def _scope(self, workspace: Workspace | None) -> Scope:
+        if workspace is None:
+            return Scope(None, self.knowledge_dir)
+        return Scope(workspace, folders.workspace_root(self.workspaces_dir, workspace))
+
+    def _visible(self, names: list[str], collections: list[str] | None, workspace: Workspace | None) -> list[str]:
+        """The qualified collections among `names` that the workspace sees and `collections` (plain names,
+        None for all) asks for: a name it holds itself and globally means both."""
+        return [c for c in names if visible(c, workspace) and (collections is None or plain(c) in collections)]
+
+    def collections(self, workspace: Workspace | None = None) -> list[str]:
+        """Collections the workspace sees with indexed documents, plus its folders not yet synced."""
+        names = {plain(c) for c in self._visible(self.store.collections(), None, workspace)}
+        roots = [self.knowledge_dir] if workspace is None else [self.knowledge_dir, self._scope(workspace).root]
+        for root in filter(Path.is_dir, roots):
+            names.update(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         return sorted(names)
 
     # -- querying ------------------------------------------------------------------------------------
 
-    async def search(self, query: str, collections: list[str] | None = None, k: int = 5,
-                     mode: str = "hybrid") -> list[Hit]:
-        """Best passages first. `mode` "dense" or "lexical" ranks by one side alone (for comparison)."""
-        return await asyncio.to_thread(self._search, query, collections, k, mode)
+    async def search(self, query: str, collections: list[str] | None = None, k: int = 5, mode: str = "hybrid",
+                     *, workspace: Workspace | None = None) -> list[Hit]:
+        """Best passages first, from what the workspace sees (`collections` None: all of it). `mode` "dense" or
+        "lexical" ranks by one side alone (for comparison)."""
+        return await asyncio.to_thread(self._search, query, collections, k, mode, workspace)
 
-    async def ground(self, query: str, collections: list[str], budget_tokens: int | None = None) -> Grounding | None:
+    async def ground(self, query: str, collections: list[str], budget_tokens: int | None = None, *,
+                     workspace: Workspace | None = None) -> Grounding | None:
         """Passages for the system message, or an instruction to admit having no source; None without collections."""
         if not collections:
             return None
-        return await asyncio.to_thread(self._ground, query, collections, budget_tokens or self.budget_tokens)
+        budget = budget_tokens or self.budget_tokens
+        return await asyncio.to_thread(self._ground, query, collections, budget, workspace)
 
-    def _ground(self, query: str, collections: list[str], budget_tokens: int) -> Grounding:
-        hits = self._search(query, collections, GROUNDING_CANDIDATES)
+    def _ground(self, query: str, collections: list[str], budget_tokens: int, workspace: Workspace | None) -> Grounding:
+        hits = self._search(query, collections, GROUNDING_CANDIDATES, "hybrid", workspace)
         kept = [hit for hit in hits if ranking.relevant(hit, self.min_similarity)]
         return ranking.build(kept, collections, budget_tokens, lambda texts: self._chunker_for().count(texts))
 
-    def _search(self, query: str, collections: list[str] | None, k: int, mode: str = "hybrid") -> list[Hit]:
-        with self._index_lock:  # a sync thread may be adding or dropping collections
-            wanted = [c for c in (list(self._indexes) if collections is None else collections) if c in self._indexes]
+    def _search(self, query: str, collections: list[str] | None, k: int, mode: str,
+                workspace: Workspace | None) -> list[Hit]:
+        wanted = self._visible(self.indexes.names(), collections, workspace)
         if not wanted or not query.strip():
             return []
         pool = max(4 * k, 40)
         vector = self.embedder.encode([query])[0]
         dense: list[tuple[int, float]] = []
         if mode != "lexical":
-            with self._index_lock:
-                for index in filter(None, map(self._indexes.get, wanted)):
-                    dense.extend(index.search(vector, pool))
-            dense.sort(key=lambda pair: -pair[1])
-            dense = dense[:pool]
+            dense = self.indexes.search(wanted, vector, pool)
         lexical = self.store.lexical(query, wanted, pool) if mode != "dense" else []
         codes = ranking.identifiers(query)
         # Identifiers (error codes, names in code) are what embeddings blur: passages holding all of them
@@ -150,8 +163,8 @@ class Retriever:
                 continue
             cosine = similarity.get(chunk_id, float(np.dot(vector, row.vector)))
             lowered = row.text.lower()
-            hits.append(Hit(row.source, row.locator, row.text, score, cosine, row.collection, row.tokens,
-                            any(code in lowered for code in codes)))
+            hits.append(Hit(plain(row.source), row.locator, row.text, score, cosine, plain(row.collection),
+                            row.tokens, any(code in lowered for code in codes), own=row.collection != plain(row.collection)))
         return hits
 
     # -- keeping the index in step with the folder ---------------------------------------------------
@@ -171,12 +184,16 @@ class Retriever:
                 raise
 
     async def watch(self, stop_event: asyncio.Event) -> None:
-        """Syncs now, then after every change under the knowledge folder until stop_event is set."""
+        """Syncs now, then after every change under the knowledge folder or a workspace's until stop_event is set."""
         from watchfiles import awatch
 
-        self.knowledge_dir.mkdir(parents=True, exist_ok=True)
+        roots = []
+        for root in (self.knowledge_dir, self.workspaces_dir):
+            root.mkdir(parents=True, exist_ok=True)  # watching needs both to exist; no workspace may have any yet
+            roots.append(root.resolve())
         await self._logged_sync()
-        async for _ in awatch(self.knowledge_dir, stop_event=stop_event, watch_filter=_visible, debounce=1000):
+        relevant = lambda _change, path: folders.watched(*roots, path)  # noqa: E731
+        async for _ in awatch(*roots, stop_event=stop_event, watch_filter=relevant, debounce=1000):
             await self._logged_sync()
 
     async def _logged_sync(self) -> None:
@@ -198,11 +215,12 @@ class Retriever:
             for source in self.store.files():
                 self.store.remove(source)
             # The new model's vectors may have another width: indexes of the old one cannot take them.
-            with self._index_lock:
-                self._indexes.clear()
+            self.indexes.clear()
             self.store.set_meta("dim", str(self.embedder.dim))
         manifest = self.store.files()
-        on_disk = self._scan(report)
+        on_disk: dict[str, tuple[str, Path]] = {}
+        for scope in folders.scopes(self.knowledge_dir, self.workspaces_dir):
+            on_disk.update(folders.scan(scope, report.skipped))
         work: list[tuple[FileEntry, bytes, bool]] = []
         for source, (collection, path) in on_disk.items():
             try:
@@ -229,7 +247,7 @@ class Retriever:
         parsed: list[tuple[FileEntry, list[Chunk], bool]] = []
         for entry, data, existed in work:
             try:
-                parsed.append((entry, self._chunker_for().split(parse(entry.source, data)), existed))
+                parsed.append((entry, self._chunker_for().split(parse(plain(entry.source), data)), existed))
             except UnsupportedDocument as exc:
                 report.skipped.append((entry.source, str(exc)))
         total = sum(len(chunks) for _, chunks, _ in parsed)
@@ -246,38 +264,10 @@ class Retriever:
                 report.removed.append(source)
                 touched.add(manifest[source].collection)
         for collection in touched:
-            self._reconcile(collection)
+            self.indexes.reconcile(collection)
         self.store.set_meta("config", self._config)
         self.store.set_meta("model", self.embedder.name)
         return report
-
-    def _scan(self, report: SyncReport) -> dict[str, tuple[str, Path]]:
-        found: dict[str, tuple[str, Path]] = {}
-        if not self.knowledge_dir.is_dir():
-            return found
-        for folder in sorted(self.knowledge_dir.iterdir()):
-            if not folder.is_dir() or folder.name.startswith("."):
-                continue  # loose files (the folder's README) belong to no collection
-            try:
-                collection = safe_collection(folder.name)
-            except UploadRefused:
-                report.skipped.append((folder.name + "/", "collection names use a-z, 0-9, '-' and '_'"))
-                continue
-            if collection != folder.name:
-                report.skipped.append((folder.name + "/", f"rename the folder to {collection}"))
-                continue
-            for root, dirs, files in os.walk(folder):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    path = Path(root) / name
-                    source = path.relative_to(self.knowledge_dir).as_posix()
-                    if name.startswith("."):
-                        continue
-                    if path.suffix.lower() not in FORMATS:
-                        report.skipped.append((source, f"unsupported type {path.suffix or '(none)'}"))
-                        continue
-                    found[source] = (collection, path)
-        return found
 
     def _ingest(self, parsed: list[tuple[FileEntry, list[Chunk], bool]], report: SyncReport, bar: tqdm) -> set[str]:
         """Embeds only text never seen before (sorted by length inside Embedder.encode), then writes each file."""
@@ -300,105 +290,63 @@ class Retriever:
             self._chunker = Chunker(self.embedder.tokenizer, self.embedder.max_tokens, CHUNK_TOKENS, OVERLAP_TOKENS)
         return self._chunker
 
-    # -- FAISS, derived from the store ---------------------------------------------------------------
-
-    def _index_path(self, collection: str) -> Path:
-        return self.index_dir / "faiss" / f"{collection}.faiss"
-
-    def _load_indexes(self) -> None:
-        for collection in self.store.collections():
-            self._reconcile(collection)
-
-    def _reconcile(self, collection: str) -> None:
-        with self._index_lock:
-            self._reconcile_locked(collection)
-
-    def _reconcile_locked(self, collection: str) -> None:
-        """Brings a collection's FAISS index to exactly the store's chunks: loads it, adds what is missing,
-        drops what is gone, and rebuilds it when the file is damaged or the index kind no longer fits."""
-        ids = self.store.ids(collection)
-        path = self._index_path(collection)
-        if not len(ids):
-            self._indexes.pop(collection, None)
-            path.unlink(missing_ok=True)
-            return
-        dim = int(self.store.get_meta("dim") or 0) or self.embedder.dim
-        self.store.set_meta("dim", str(dim))
-        index = self._indexes.get(collection)
-        if index is None and path.exists():
-            try:
-                index = VectorIndex.load(path, dim)
-            except (RuntimeError, ValueError) as exc:
-                log.warning("FAISS index for %s is damaged (%s); rebuilding it from the store", collection, exc)
-        changed = False
-        if index is not None:
-            present = index.ids()
-            live = np.setdiff1d(present, np.fromiter(index.dead, np.int64, len(index.dead)))
-            extra = np.setdiff1d(live, ids)
-            missing = np.setdiff1d(ids, present)
-            index.remove(extra)
-            index.add(missing, self.store.vectors(missing, dim))
-            changed = bool(len(extra) or len(missing))
-            if not index.fits():
-                index = None
-        if index is None:
-            index = VectorIndex.for_size(dim, len(ids))
-            index.add(ids, self.store.vectors(ids, dim))
-            changed = True
-        self._indexes[collection] = index
-        if changed or not path.exists():
-            index.save(path)
-
     # -- admin actions -------------------------------------------------------------------------------
 
     def check_upload_size(self, filename: str, size: int) -> None:
         """Raises UploadRefused for a file over the upload limit, so it is refused before anyone downloads it."""
         check_size(safe_filename(filename), size, self.max_upload_bytes)
 
-    async def add_upload(self, filename: str, data: bytes, collection: str, *, limit: bool = True) -> str:
-        """Saves and indexes one upload; returns what happened, for the uploader. Raises UploadRefused.
+    async def add_upload(self, filename: str, data: bytes, collection: str, *, workspace: Workspace | None = None,
+                         limit: bool = True) -> str:
+        """Saves and indexes one upload in the workspace's own collection (None: the global one); returns what
+        happened, for the uploader. Raises UploadRefused.
 
         Checking parses the whole file (a PDF can take seconds), so it runs in a thread like the rest."""
         collection = safe_collection(collection)
+        scope = self._scope(workspace)
         name = await asyncio.to_thread(check, filename, data, self.max_upload_bytes if limit else None)
-        return await self._exclusive(self._add_upload, name, data, collection)
+        return await self._exclusive(self._add_upload, name, data, collection, scope)
 
-    def _add_upload(self, name: str, data: bytes, collection: str) -> str:
+    def _visible_files(self, workspace: Workspace | None) -> list[FileEntry]:
+        return [f for f in self.store.files().values() if visible(f.source, workspace)]
+
+    def _add_upload(self, name: str, data: bytes, collection: str, scope: Scope) -> str:
         digest = hashlib.sha256(data).hexdigest()
         source = f"{collection}/{name}"
         self._sync()
-        same = [f.source for f in self.store.files().values() if f.sha256 == digest]
+        same = [plain(f.source) for f in self._visible_files(scope.workspace) if f.sha256 == digest]
         if same:
             raise UploadRefused(f"That file is already in the knowledge base as {same[0]}. Nothing was saved.")
-        target = self._inside(source)
-        replaced = target.exists()
-        _write_atomically(target, data)
+        target = scope.inside(source)
+        kept = folders.trash(scope.root, source) if target.exists() else None
+        folders.write_atomically(target, data)
         try:
             report = self._sync()
         except BaseException:
-            if not replaced:
-                target.unlink(missing_ok=True)
+            _undo(scope, source, kept)
             raise
-        entry = self.store.files().get(source)
+        entry = self.store.files().get(scope.qualify(source))
         if entry is None:
-            reason = dict(report.skipped).get(source, "it could not be indexed")
-            if replaced:
-                raise UploadRefused(f"{name} was saved but not indexed: {reason}.")
-            target.unlink(missing_ok=True)
+            reason = dict(report.skipped).get(scope.qualify(source), "it could not be indexed")
+            _undo(scope, source, kept)
+            self._sync()
             raise UploadRefused(f"{name} was not indexed: {reason}. Nothing was saved.")
-        verb = "Replaced" if replaced else "Added"
-        return (f"{verb} {name} in collection '{collection}': {entry.chunks} chunk{'s' * (entry.chunks != 1)} "
-                f"indexed ({report.embedded} newly embedded).")
+        indexed = f"{entry.chunks} chunk{'s' * (entry.chunks != 1)} indexed ({report.embedded} newly embedded)."
+        if kept:
+            return f"Replaced {name} in collection '{collection}'; the previous version is kept as {kept}. {indexed}"
+        return f"Added {name} in collection '{collection}': {indexed}"
 
-    async def add_files(self, paths: list[Path], collection: str) -> tuple[list[str], SyncReport]:
-        """`knowledge add`: copies files (folders recursively) into the collection, then syncs once."""
+    async def add_files(self, paths: list[Path], collection: str, *,
+                        workspace: Workspace | None = None) -> tuple[list[str], SyncReport]:
+        """`knowledge add`: copies files (folders recursively) into the workspace's own collection (None: the
+        global one), then syncs once."""
         collection = safe_collection(collection)
-        return await self._exclusive(self._add_files, paths, collection)
+        return await self._exclusive(self._add_files, paths, collection, self._scope(workspace))
 
-    def _add_files(self, paths: list[Path], collection: str) -> tuple[list[str], SyncReport]:
+    def _add_files(self, paths: list[Path], collection: str, scope: Scope) -> tuple[list[str], SyncReport]:
         notes: list[str] = []
-        hashes = {f.sha256: f.source for f in self.store.files().values()}
-        for path in _expand(paths):
+        hashes = {f.sha256: plain(f.source) for f in self._visible_files(scope.workspace)}
+        for path in folders.expand(paths):
             try:
                 data = path.read_bytes()
                 name = check(path.name, data, None)
@@ -409,55 +357,50 @@ class Retriever:
             if digest in hashes:
                 notes.append(f"skipped {path}: already in the knowledge base as {hashes[digest]}")
                 continue
-            target = self._inside(f"{collection}/{name}")
-            if path.resolve() != target.resolve():
-                _write_atomically(target, data)
-            hashes[digest] = f"{collection}/{name}"
+            source = f"{collection}/{name}"
+            target = scope.inside(source)
+            if path.resolve() != target:
+                if target.exists():
+                    notes.append(f"replaced {source}; the previous version is kept as "
+                                 f"{folders.trash(scope.root, source)}")
+                folders.write_atomically(target, data)
+            hashes[digest] = source
         return notes, self._sync()
 
-    async def remove(self, source: str) -> bool:
-        """Deletes the document from the folder and the index; False when no such source exists."""
-        return await self._exclusive(self._remove, source)
+    async def remove(self, source: str, *, workspace: Workspace | None = None) -> bool:
+        """Moves one of the workspace's own documents (None: a global one), named `collection/file.md`, to the
+        trash and out of the index; False when it has no such document."""
+        return await self._exclusive(self._remove, source, self._scope(workspace))
 
-    def _remove(self, source: str) -> bool:
-        path = self._inside(source)
-        if not (source in self.store.files() or path.is_file()):
+    def _remove(self, source: str, scope: Scope) -> bool:
+        path = scope.inside(source)
+        if not (scope.qualify(source) in self.store.files() or path.is_file()):
             return False
-        path.unlink(missing_ok=True)
+        if path.is_file():
+            folders.trash(scope.root, path.relative_to(scope.root.resolve()).as_posix())
         self._sync()
         return True
 
-    def _inside(self, source: str) -> Path:
-        root = self.knowledge_dir.resolve()
-        target = (root / source).resolve()
-        if root not in target.parents:
-            raise UploadRefused(f"{source!r} is outside the knowledge folder. Nothing was changed.")
-        return target
+    def files(self, collection: str | None = None, *, workspace: Workspace | None = None) -> list[FileRow]:
+        """Documents the workspace sees, by source as it sees them; `own` tells its uploads from global ones."""
+        wanted = self._visible(self.store.collections(), None if collection is None else [collection], workspace)
+        rows = [FileRow(plain(source), *rest, plain(source) != source) for source, *rest in self.store.file_rows(wanted)]
+        return sorted(rows, key=lambda row: (row.source, row.own))
 
-    def files(self, collection: str | None = None) -> list[tuple[str, int, int, str]]:
-        return self.store.file_rows(collection)
-
-    def stats(self) -> list[tuple[str, int, int, int]]:
-        return self.store.stats()
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")  # hidden: neither sync nor the watcher picks it up
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    def stats(self, workspace: Workspace | None = None) -> list[tuple[str, int, int, int]]:
+        """(collection, files, chunks, bytes) per collection the workspace sees, its own and global counted together."""
+        totals: dict[str, list[int]] = {}
+        for collection, *counts in self.store.stats():
+            if visible(collection, workspace):
+                total = totals.setdefault(plain(collection), [0, 0, 0])
+                total[:] = [a + b for a, b in zip(total, counts)]
+        return [(name, *total) for name, total in sorted(totals.items())]
 
 
-def _expand(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith("."))
-        else:
-            files.append(path)
-    return files
-
-
-def _visible(change, path: str) -> bool:
-    return not any(part.startswith(".") for part in Path(path).parts[-2:])
-
+def _undo(scope: Scope, source: str, kept: str | None) -> None:
+    """Puts the folder back as it was before a failed upload: the new file gone, the one it replaced restored."""
+    target = scope.root / source
+    if kept:
+        (scope.root / kept).replace(target)
+    else:
+        target.unlink(missing_ok=True)

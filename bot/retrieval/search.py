@@ -21,7 +21,7 @@ _IDENTIFIER = re.compile(r"\b(?=[\w.-]*[A-Za-z])(?=[\w.-]*(?:\d|_|[a-z][A-Z]))[A
 
 @dataclass
 class Hit:
-    source: str  # path under the knowledge folder: collection/file.md
+    source: str  # collection/file.md, as the workspace that searched sees it
     locator: str  # heading path, "page 3" or "lines 10–24"
     text: str
     score: float  # fused rank score, 1.0 = first in both rankings
@@ -29,6 +29,7 @@ class Hit:
     collection: str = ""
     tokens: int = 0
     exact: bool = False  # it contains an identifier from the query verbatim
+    own: bool = False  # from the searching workspace's own documents, not global knowledge
 
     @property
     def citation(self) -> str:

@@ -2,7 +2,8 @@
 with an FTS5 table over the chunks for BM25.
 
 The FAISS indexes are derived from the vectors stored here, so a damaged or missing FAISS file is rebuilt
-without embedding anything again. `sqlite3 data/knowledge/index.sqlite3` shows plain tables.
+without embedding anything again. `sqlite3 data/knowledge/index.sqlite3` shows plain tables. Sources and
+collections are stored qualified (folders.py): a workspace's carry its "@platform:id/" prefix, global ones none.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from bot.retrieval.chunk import Chunk
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
-    source TEXT PRIMARY KEY,          -- path under the knowledge folder: collection/name.md
+    source TEXT PRIMARY KEY,          -- collection/name.md, or @platform:id/collection/name.md
     collection TEXT NOT NULL,
     sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
@@ -65,6 +67,16 @@ class FileEntry:
     size: int
     mtime_ns: int
     chunks: int
+
+
+class FileRow(NamedTuple):
+    """One line of a document listing, as the workspace asking sees it."""
+
+    source: str  # collection/file.md, never qualified
+    chunks: int
+    size: int
+    indexed_at: str
+    own: bool  # the workspace's own document rather than global knowledge
 
 
 @dataclass(frozen=True)
@@ -225,9 +237,8 @@ class Store:
         ).fetchall()
 
     @_locked
-    def file_rows(self, collection: str | None = None) -> list[tuple[str, int, int, str]]:
-        sql = "SELECT source, chunks, size, indexed_at FROM files"
-        params: tuple = ()
-        if collection:
-            sql, params = sql + " WHERE collection = ?", (collection,)
-        return self.db.execute(sql + " ORDER BY source", params).fetchall()
+    def file_rows(self, collections: list[str]) -> list[tuple[str, int, int, str]]:
+        """(source, chunks, size, indexed_at) of the files in these (qualified) collections."""
+        marks = ",".join("?" * len(collections))
+        sql = f"SELECT source, chunks, size, indexed_at FROM files WHERE collection IN ({marks}) ORDER BY source"
+        return self.db.execute(sql, collections).fetchall()

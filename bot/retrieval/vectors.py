@@ -1,4 +1,4 @@
-"""FAISS indexes, one per collection, kept in step with the vectors in the SQLite store.
+"""FAISS indexes, one per (qualified) collection, kept in step with the vectors in the SQLite store.
 
 Inner product on unit vectors is cosine similarity. Below HNSW_THRESHOLD vectors a collection is searched
 exactly (IndexFlatIP): scanning 25k × 384 floats takes about as long as encoding the query with MiniLM
@@ -10,10 +10,15 @@ is dead.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from bot.retrieval.folders import index_file
+from bot.retrieval.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +100,78 @@ class VectorIndex:
         scores, ids = self.index.search(query.reshape(1, -1).astype(np.float32), fetch)
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in self.dead]
         return hits[:k]
+
+
+class Indexes:
+    """Every collection's index, derived from the store: rebuilt from its vectors, never re-embedded."""
+
+    def __init__(self, directory: Path, store: Store, model_dim: Callable[[], int]):
+        self.directory = directory
+        self.store = store
+        self.model_dim = model_dim  # asked only for a store that has no vectors yet: it loads the model
+        self.by_collection: dict[str, VectorIndex] = {}
+        self.lock = threading.Lock()  # FAISS indexes are not safe to search while they change
+
+    def names(self) -> list[str]:
+        with self.lock:  # a sync thread may be adding or dropping collections
+            return list(self.by_collection)
+
+    def search(self, collections: list[str], query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(id, cosine) best first across the collections."""
+        hits: list[tuple[int, float]] = []
+        with self.lock:
+            for index in filter(None, map(self.by_collection.get, collections)):
+                hits.extend(index.search(query, k))
+        return sorted(hits, key=lambda pair: -pair[1])[:k]
+
+    def clear(self) -> None:
+        """For a new embedding model, whose vectors may have another width."""
+        with self.lock:
+            self.by_collection.clear()
+
+    def load(self) -> None:
+        for collection in self.store.collections():
+            self.reconcile(collection)
+
+    def path(self, collection: str) -> Path:
+        return self.directory / index_file(collection)
+
+    def reconcile(self, collection: str) -> None:
+        with self.lock:
+            self._reconcile(collection)
+
+    def _reconcile(self, collection: str) -> None:
+        """Brings a collection's FAISS index to exactly the store's chunks: loads it, adds what is missing,
+        drops what is gone, and rebuilds it when the file is damaged or the index kind no longer fits."""
+        ids = self.store.ids(collection)
+        path = self.path(collection)
+        if not len(ids):
+            self.by_collection.pop(collection, None)
+            path.unlink(missing_ok=True)
+            return
+        dim = int(self.store.get_meta("dim") or 0) or self.model_dim()
+        self.store.set_meta("dim", str(dim))
+        index = self.by_collection.get(collection)
+        if index is None and path.exists():
+            try:
+                index = VectorIndex.load(path, dim)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("FAISS index for %s is damaged (%s); rebuilding it from the store", collection, exc)
+        changed = False
+        if index is not None:
+            present = index.ids()
+            live = np.setdiff1d(present, np.fromiter(index.dead, np.int64, len(index.dead)))
+            extra = np.setdiff1d(live, ids)
+            missing = np.setdiff1d(ids, present)
+            index.remove(extra)
+            index.add(missing, self.store.vectors(missing, dim))
+            changed = bool(len(extra) or len(missing))
+            if not index.fits():
+                index = None
+        if index is None:
+            index = VectorIndex.for_size(dim, len(ids))
+            index.add(ids, self.store.vectors(ids, dim))
+            changed = True
+        self.by_collection[collection] = index
+        if changed or not path.exists():
+            index.save(path)

@@ -1,0 +1,87 @@
+"""The personas one workspace sees: the shipped library (files in personas/) plus its own, made in chat.
+
+A workspace's own persona shadows a shipped one of the same name there and nowhere else, so "editing" the
+shipped `assistant` in one server gives that server its own copy. Workspace personas live in the history
+database as YAML and are validated by the same `parse_persona` as files; nothing here ever writes a file.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+from bot.conversation import Workspace
+from bot.history import HistoryStore
+from bot.personas import Persona, PersonaError, PersonaLibrary, UnknownPersona, dump_persona, parse_persona
+
+log = logging.getLogger(__name__)
+
+
+class Origin(str, Enum):
+    SHIPPED = "shipped"  # a file in personas/: every workspace may use it, only owners change it
+    OWN = "own"  # made in this workspace
+    COPY = "own copy"  # made in this workspace under a shipped persona's name, which it shadows here
+
+
+@dataclass(frozen=True)
+class Entry:
+    persona: Persona
+    origin: Origin
+    by_owner: bool  # saved by an owner: may use models outside PERSONABOT_ALLOWED_MODELS
+
+
+class PersonaCatalog:
+    def __init__(self, library: PersonaLibrary, history: HistoryStore):
+        self.library = library
+        self.history = history
+        self._own: dict[Workspace, dict[str, tuple[Persona, bool]]] = {}
+        self._lock = asyncio.Lock()
+
+    async def entries(self, workspace: Workspace) -> dict[str, Entry]:
+        """Every persona the workspace may use, by name."""
+        own = await self._own_personas(workspace)
+        found = {p.name: Entry(p, Origin.SHIPPED, True) for p in self.library.all()}
+        for name, (persona, by_owner) in own.items():
+            found[name] = Entry(persona, Origin.COPY if name in found else Origin.OWN, by_owner)
+        return dict(sorted(found.items()))
+
+    async def entry(self, workspace: Workspace, name: str) -> Entry:
+        entries = await self.entries(workspace)
+        try:
+            return entries[name]
+        except KeyError:
+            raise UnknownPersona(name, list(entries)) from None
+
+    async def get(self, workspace: Workspace, name: str) -> Persona:
+        return (await self.entry(workspace, name)).persona
+
+    async def save(self, workspace: Workspace, persona: Persona, *, saved_by: str, by_owner: bool) -> None:
+        text = dump_persona(persona)
+        parse_persona(text, f"{workspace}:{persona.name}")  # never store what would then refuse to load
+        await self.history.save_workspace_persona(workspace, persona.name, text, saved_by=saved_by, by_owner=by_owner)
+        self._own.pop(workspace, None)
+
+    async def delete(self, workspace: Workspace, name: str, *, saved_by: str) -> None:
+        await self.history.save_workspace_persona(workspace, name, None, saved_by=saved_by, by_owner=False)
+        self._own.pop(workspace, None)
+
+    async def own(self, workspace: Workspace) -> list[Persona]:
+        """The personas the workspace made itself (for export), by name."""
+        return [persona for _, (persona, _) in sorted((await self._own_personas(workspace)).items())]
+
+    async def _own_personas(self, workspace: Workspace) -> dict[str, tuple[Persona, bool]]:
+        cached = self._own.get(workspace)
+        if cached is not None:
+            return cached
+        async with self._lock:
+            if (cached := self._own.get(workspace)) is not None:
+                return cached
+            own: dict[str, tuple[Persona, bool]] = {}
+            for name, (text, by_owner) in (await self.history.workspace_personas(workspace)).items():
+                try:
+                    own[name] = (parse_persona(text, f"{workspace}:{name}"), by_owner)
+                except PersonaError as exc:  # stored by an older version with looser rules: skip, say why
+                    log.error("workspace persona %s:%s no longer validates:\n%s", workspace, name, exc)
+            self._own[workspace] = own
+            return own
