@@ -18,7 +18,7 @@ from bot.conversation import Attachment, Incoming
 from bot.engine import GLOBAL_PREFIX, KnowledgeDisabled, NotAdmin, PersonaRefused
 from bot.persona_catalog import Origin
 from bot.personas import NAME_PATTERN, Persona, PersonaError, UnknownPersona, parse_persona
-from bot.render_text import describe_persona, format_hits, usage_chart
+from bot.render import describe_persona, format_hits, usage_chart
 
 if TYPE_CHECKING:
     from bot.engine import Engine

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
-_WORKSPACE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+PLATFORMS = ("discord", "slack", "terminal")
+_WORKSPACE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # guild ids, Slack team ids, terminal names; never a path
 
 
 class Workspace(NamedTuple):
@@ -26,7 +27,7 @@ class Workspace(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> "Workspace":
         platform, sep, ident = text.partition(":")
-        if not sep or platform not in ("discord", "slack", "terminal") or not _WORKSPACE_ID.fullmatch(ident):
+        if not sep or platform not in PLATFORMS or not _WORKSPACE_ID.fullmatch(ident) or set(ident) == {"."}:
             raise ValueError(f"{text!r} is not a workspace: write discord:GUILD_ID, slack:TEAM_ID or terminal:NAME")
         return cls(platform, ident)
 

@@ -10,11 +10,21 @@ line, a line end, a sentence end, a space; only text with none of those is cut m
 block closes it in that message and reopens it, with its language, in the next, so every message renders on its
 own. No cut goes through a fence line or makes a line that reads as one, unless the line alone is longer than a
 message. Apart from the added fences the messages concatenate back to the reply exactly.
+
+Below the splitter: the text the commands answer with (a persona, search hits, a usage chart), in the Markdown
+every platform renders (Slack's adapter converts it to mrkdwn), so the wording is the same everywhere.
 """
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from bisect import bisect_right
+from collections import defaultdict
+from typing import TYPE_CHECKING, NamedTuple
+
+from bot.personas import Persona
+
+if TYPE_CHECKING:
+    from bot.retrieval import Hit
 
 FENCE = "```"
 CLOSE = "\n```"
@@ -22,6 +32,7 @@ CLOSE = "\n```"
 MIN_FILL = 0.5
 
 _FENCE = re.compile(r"^[ \t]{0,3}```([^`\n]*)$", re.MULTILINE)
+_FENCE_TEXT = re.compile(r"[ \t]{0,3}```[^`\n]*")  # _FENCE for a stretch of one line, matched in place
 _LANGUAGE = re.compile(r"[\w+#.-]{1,30}")
 _LONGEST_REOPEN = len(FENCE) + 30 + len("\n")
 _SENTENCE_END = re.compile(r"[.!?…](?:[\"')\]]*)[ \t]+")
@@ -38,7 +49,8 @@ def split_message(text: str, limit: int) -> list[str]:
     reopen = ""  # the fence that reopens a code block cut at the end of the previous message
     start = 0
     while len(reopen) + len(text) - start > limit:
-        end = reply.cut(start, limit - len(reopen) - len(CLOSE))
+        room = limit - len(reopen) - len(CLOSE)
+        end = reply.cut(start + 1, start + room, start + max(1, int(room * MIN_FILL)))
         piece = reopen + text[start:end]
         fence = open_fence(piece)
         pieces.append(piece if fence is None else _closed(piece))
@@ -52,11 +64,13 @@ def best_cut(before: str, text: str, room: int) -> int:
     """How much of `text` goes into a message that holds `before` and has `room` characters left.
 
     For a message that grows in place (a stream), where what was sent can no longer move: `before` tells which
-    code block and line `text` continues.
+    code block and line `text` continues, and 0 means the message had best end as it is.
     """
     if len(text) <= room:
         return len(text)
-    return _Reply(before + text).cut(len(before), room) - len(before)
+    stop = len(before) + room
+    earliest = len(before) if before else 1  # a message must hold something
+    return _Reply(before + text).cut(earliest, stop, max(earliest, int(stop * MIN_FILL))) - len(before)
 
 
 def open_fence(text: str) -> str | None:
@@ -101,26 +115,23 @@ def _fences(text: str) -> list[_Fence]:
 
 
 class _Reply:
-    """A text with its fence lines found once, for the cuts of all its messages."""
+    """A text with its lines and fences found once, for the cuts of all its messages."""
 
     def __init__(self, text: str):
         self.text = text
         self.fences = _fences(text)
-        self._by_start = {fence.start: fence for fence in self.fences}
-        self._by_end = {fence.end: fence for fence in self.fences}
+        self._lines = [0, *(match.end() for match in _NEWLINE.finditer(text))]  # where each line starts
+        self._fence_like = {match.start() for match in _FENCE.finditer(text)}  # lines that read as a fence
+        self._opening_ends = {fence.end for fence in self.fences if fence.opens}
+        self._closing_starts = {fence.start for fence in self.fences if not fence.opens}
 
-    def cut(self, start: int, room: int) -> int:
-        """Where to end the message that starts at `start`: an index in (start, start + room], on the best boundary.
-
-        Only a room of 0 (a stream's message that is full) gives `start` itself.
-        """
-        stop = start + room
-        floor = start + max(1, int(room * MIN_FILL))
+    def cut(self, earliest: int, stop: int, floor: int) -> int:
+        """Where to end a message: an index in [earliest, stop], on the best boundary from `floor` on if any."""
         candidates: list[tuple[int, int]] = []  # (rank, cut); a higher rank is a better place to cut
         inside = False
-        position = start
+        position = max(earliest - 1, 0)  # a boundary just before `earliest` is a cut at it
         for fence in self.fences:
-            if fence.start < start:
+            if fence.start < position:
                 inside = fence.opens
                 continue
             if fence.start > stop:
@@ -134,8 +145,9 @@ class _Reply:
         for _, cut in sorted(candidates, reverse=True):
             if floor <= cut <= stop and self._clean(cut):
                 return cut
-        # No boundary at all (one huge word or URL): cut mid-word, and through a fence line only if it fills a message.
-        return next((cut for cut in range(stop, floor - 1, -1) if self._clean(cut)), stop)
+        # No boundary late enough (one huge word or URL): cut mid-word, or before a fence line rather than through
+        # it; through one only if it fills the whole room.
+        return next((cut for cut in range(stop, earliest - 1, -1) if self._clean(cut)), stop)
 
     def _text_cuts(self, start: int, end: int, in_code: bool, out: list[tuple[int, int]]) -> None:
         """Boundaries inside one stretch of prose or code; a cut is the index just after the boundary."""
@@ -151,10 +163,56 @@ class _Reply:
 
     def _clean(self, cut: int) -> bool:
         """Whether a cut here keeps fence lines whole, makes no new ones and leaves no code block empty."""
-        line = self.text.rfind("\n", 0, cut) + 1
+        index = bisect_right(self._lines, cut) - 1
+        line = self._lines[index]
         if line == cut:
-            before, after = self._by_end.get(cut), self._by_start.get(cut)
-            return not (before and before.opens) and not (after and not after.opens)
-        end = self.text.find("\n", cut)
-        end = len(self.text) if end == -1 else end
-        return not any(_FENCE.fullmatch(self.text[a:b]) for a, b in ((line, end), (line, cut), (cut, end)))
+            return cut not in self._opening_ends and cut not in self._closing_starts
+        end = self._lines[index + 1] - 1 if index + 1 < len(self._lines) else len(self.text)
+        return not (
+            line in self._fence_like
+            or _FENCE_TEXT.fullmatch(self.text, line, cut)
+            or _FENCE_TEXT.fullmatch(self.text, cut, end)
+        )
+
+
+# -- what the commands answer with ------------------------------------------------------------
+
+PROMPT_SHOWN = 1500  # characters of a system prompt `/persona show` prints: one Discord message with the header
+BAR_WIDTH = 24
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_persona(persona: Persona, *, origin: str, active: bool) -> str:
+    model = persona.model.model_dump(exclude_none=True)
+    lines = [
+        f"**{persona.display_name}** (`{persona.name}`, {origin})" + (": active here" if active else ""),
+        persona.description,
+        f"Model: `{model}`" if model else "Model: the default",
+        f"Knowledge: {', '.join(persona.knowledge)}" if persona.knowledge else "",
+        f"Few-shot examples: {len(persona.examples)}" if persona.examples else "",
+    ]
+    prompt = clip(persona.system.replace("```", "`\u200b``"), PROMPT_SHOWN)
+    return "\n".join(line for line in lines if line) + f"\n```\n{prompt}\n```"
+
+
+def format_hits(hits: list["Hit"]) -> str:
+    return "\n".join(f"**{hit.source}** § {hit.locator} ({hit.score:.2f})\n> {clip(' '.join(hit.text.split()), 300)}"
+                     for hit in hits)
+
+
+def usage_chart(rows: list[dict]) -> str:
+    """Tokens a day as a bar chart (people would rather look than read), then the totals by persona."""
+    by_day: dict[str, int] = defaultdict(int)
+    by_persona: dict[str, int] = defaultdict(int)
+    for row in rows:
+        by_day[row["day"]] += row["total"]
+        by_persona[row["persona"] or "-"] += row["total"]
+    peak = max(by_day.values())
+    days = [f"{day[5:]} {'█' * max(1, round(BAR_WIDTH * total / peak)):<{BAR_WIDTH}} {total:>9,}"
+            for day, total in sorted(by_day.items())]
+    personas = ", ".join(f"{name} {total:,}" for name, total in sorted(by_persona.items(), key=lambda p: -p[1]))
+    return (f"Tokens by day (UTC), {sum(by_day.values()):,} in all:\n```\n" + "\n".join(days) + "\n```\n"
+            f"By persona: {personas}")

@@ -191,7 +191,7 @@ async def slash(bot, path: str, who: str = "alice", where: str = "general", **op
 async def submit(modal: discord.ui.Modal, interaction: FakeInteraction, **values: str) -> None:
     """Submits a modal the way discord.py does when Discord delivers the form."""
     components = [
-        {"type": 1, "components": [{"type": 4, "custom_id": getattr(modal, field).custom_id, "value": value}]}
+        {"type": 1, "components": [{"type": 4, "custom_id": modal.inputs[field].custom_id, "value": value}]}
         for field, value in values.items()
     ]
     await modal._scheduled_task(interaction, components, {})
@@ -205,7 +205,7 @@ async def test_mention_gets_persona_reply_in_channel(bot, engine, openai_server)
 
     assert await bot_messages(channel("general"), bot) == ["echo: hello there"]
     request = openai_server.last
-    assert request["messages"][0] == {"role": "system", "content": engine.personas.get("assistant").system}
+    assert request["messages"][0] == {"role": "system", "content": engine.personas.library.get("assistant").system}
     assert request["messages"][-1] == {"role": "user", "content": "hello there"}
 
 
@@ -311,7 +311,7 @@ async def test_non_admin_cannot_enable_channel(bot, openai_server):
     answer = await slash(bot, "channel enable", who="bob", where="random")
     await dpytest.message("anyone there?", channel=channel("random"), member=member("bob"))
 
-    assert answer.answers[0].ephemeral and "Only admins" in answer.text
+    assert answer.answers[0].ephemeral and "Only this workspace's admins" in answer.text
     assert openai_server.requests == []
 
 
@@ -427,9 +427,9 @@ async def test_non_admin_cannot_switch_persona(bot, engine, openai_server):
     await say_to_bot(bot, "tell me something", who="bob")
 
     assert answer.answers[0].ephemeral
-    assert "Only admins" in answer.text and "Nothing was changed" in answer.text
+    assert "Only this workspace's admins" in answer.text and "Nothing was changed" in answer.text
     assert (await engine.active_persona(conv_key(channel("general")))).name == "assistant"
-    assert openai_server.last["messages"][0]["content"] == engine.personas.get("assistant").system
+    assert openai_server.last["messages"][0]["content"] == engine.personas.library.get("assistant").system
 
 
 async def test_admin_switch_changes_next_reply_system_prompt(bot, engine, openai_server):
@@ -439,7 +439,7 @@ async def test_admin_switch_changes_next_reply_system_prompt(bot, engine, openai
     await say_to_bot(bot, "tell me a joke", who="bob")
 
     assert not answer.answers[0].ephemeral and "Stand-up Comic" in answer.text
-    assert openai_server.last["messages"][0]["content"] == engine.personas.get("comic").system
+    assert openai_server.last["messages"][0]["content"] == engine.personas.library.get("comic").system
 
 
 async def test_personabot_admins_can_switch_without_manage_server(bot, engine, openai_server):
@@ -448,7 +448,7 @@ async def test_personabot_admins_can_switch_without_manage_server(bot, engine, o
     await slash(bot, "persona set", who="bob", name="sre")
     await say_to_bot(bot, "disk is full")
 
-    assert openai_server.last["messages"][0]["content"] == engine.personas.get("sre").system
+    assert openai_server.last["messages"][0]["content"] == engine.personas.library.get("sre").system
 
 
 async def test_admin_slash_commands_are_audited_and_refusals_are_not(bot, engine):
@@ -467,10 +467,11 @@ async def test_admin_slash_commands_are_audited_and_refusals_are_not(bot, engine
 
 async def test_persona_autocomplete_offers_matching_names(bot):
     group = bot.tree.get_command("persona")
-    choices = await group.persona_names(None, "com")
+    complete = group.get_command("set")._params["name"].autocomplete
+    choices = await complete(FakeInteraction(bot, member("bob"), channel("general")), "com")
 
     assert [choice.value for choice in choices] == ["comic"]
-    for name in ("show", "set", "edit"):
+    for name in ("show", "set", "edit", "delete"):
         assert group.get_command(name).parameters[0].autocomplete
 
 
@@ -511,7 +512,7 @@ async def test_admin_creates_persona_through_form(bot, engine, openai_server):
     await say_to_bot(bot, "ahoy")
 
     assert "Saved **Captain**" in submitted.text
-    assert (engine.settings.personas_dir / "pirate.yaml").exists()
+    assert not (engine.settings.personas_dir / "pirate.yaml").exists()  # the workspace's own, not a shipped file
     assert openai_server.last["messages"][0]["content"] == "You are a pirate. Arr."
     assert openai_server.last["temperature"] == 1.1
 
@@ -524,7 +525,7 @@ async def test_invalid_persona_form_is_refused_with_errors(bot, engine):
     await submit(started.modal, submitted, system="You are a pirate.", extra="modle: {temperature: 0.5}\n")
 
     assert "Not saved" in submitted.text and "did you mean 'model'" in submitted.text
-    assert "pirate" not in engine.personas.names()
+    assert "pirate" not in engine.personas.library.names()
 
 
 async def test_non_admin_gets_no_persona_form(bot):
@@ -538,30 +539,30 @@ async def test_edit_form_is_prefilled_with_current_persona(bot, engine):
 
     answer = await slash(bot, "persona edit", who="alice", name="comic")
 
-    comic = engine.personas.get("comic")
-    assert answer.modal.system.default == comic.system
-    assert "temperature: 0.9" in answer.modal.extra.default
+    comic = engine.personas.library.get("comic")
+    assert answer.modal.inputs["system"].default == comic.system
+    assert "temperature: 0.9" in answer.modal.inputs["extra"].default
 
 
 async def test_persona_too_long_for_the_form_is_not_opened_in_one(bot, engine):
     await make_admin(member("alice"))
-    engine.personas.save(Persona(name="verbose", description="A rambling voice. " * 30, system="You ramble."))
+    engine.personas.library.save(Persona(name="verbose", description="A rambling voice. " * 30, system="You ramble."))
 
     answer = await slash(bot, "persona edit", who="alice", name="verbose")
 
-    assert answer.modal is None and "edit its YAML file" in answer.text
+    assert answer.modal is None and "longer than a form holds" in answer.text
 
 
 async def test_create_form_does_not_overwrite_persona_saved_meanwhile(bot, engine):
     await make_admin(member("alice"))
     started = await slash(bot, "persona create", who="alice", name="pirate")
-    engine.personas.save(Persona(name="pirate", system="Bob's pirate."))
+    engine.personas.library.save(Persona(name="pirate", system="Bob's pirate."))
 
     submitted = FakeInteraction(bot, member("alice"), channel("general"))
     await submit(started.modal, submitted, system="Alice's pirate.")
 
     assert "Not saved" in submitted.text
-    assert engine.personas.get("pirate").system == "Bob's pirate."
+    assert engine.personas.library.get("pirate").system == "Bob's pirate."
 
 
 @WITH_KNOWLEDGE

@@ -8,7 +8,7 @@ import pytest
 from openai_server import Reply, openai_server  # noqa: F401  (fixture)
 
 from bot.config import Settings
-from bot.conversation import ConvKey, Incoming
+from bot.conversation import ConvKey, Incoming, Role
 from bot.engine import BUDGET_NOTICE, CONTENT_FILTER_NOTICE, CUT_OFF_NOTICE, Engine, NotAdmin
 from bot.history import HistoryStore
 
@@ -39,7 +39,7 @@ async def engine(tmp_path, openai_server):
 
 
 def said(text: str, key: ConvKey = CHANNEL, *, admin: bool = False, user: str = "u1") -> Incoming:
-    return Incoming(key, user, text, user_name=user, is_admin=admin)
+    return Incoming(key, user, text, user_name=user, role=Role.ADMIN if admin else Role.MEMBER)
 
 
 async def answer(engine: Engine, incoming: Incoming) -> str:
@@ -58,14 +58,14 @@ async def test_reply_sends_persona_prompt_and_history_then_survives_restart(tmp_
     finally:
         await engine.close()
     sent = openai_server.last["messages"]
-    assert sent[0]["role"] == "system" and sent[0]["content"] == engine.personas.get("assistant").system
+    assert sent[0]["role"] == "system" and sent[0]["content"] == engine.personas.library.get("assistant").system
     assert [m["content"] for m in sent[1:]] == ["first question", "echo: first question", "second question"]
 
 
 async def test_few_shot_examples_follow_the_system_prompt(engine, openai_server):
     await engine.set_persona(said("", admin=True), "comic")
     await answer(engine, said("joke please"))
-    comic = engine.personas.get("comic")
+    comic = engine.personas.library.get("comic")
     sent = openai_server.last["messages"]
     assert sent[: 1 + len(comic.examples)] == comic.prefix()
     assert openai_server.last["temperature"] == comic.model.temperature
@@ -123,7 +123,7 @@ async def test_history_is_trimmed_to_the_context_window(tmp_path, openai_server)
         for i in range(30):
             await answer(engine, said(f"message number {i} " + "padding " * 10))
         sent = openai_server.last["messages"]
-        model = await engine.models.get(engine.personas.get("tiny").model)
+        model = await engine.models.get(engine.personas.library.get("tiny").model)
         assert model.count_tokens(sent) <= 400 - 100
         assert sent[-1]["content"].startswith("message number 29")
         assert len(sent) < 20  # older turns were dropped, newest kept
@@ -136,12 +136,12 @@ async def test_persona_switch_starts_a_new_context(engine, openai_server):
     await engine.set_persona(said("", admin=True), "sre")
     await answer(engine, said("what did I say?"))
     sent = openai_server.last["messages"]
-    assert sent[0]["content"] == engine.personas.get("sre").system
+    assert sent[0]["content"] == engine.personas.library.get("sre").system
     assert "llama" not in str(sent)
 
 
 async def test_non_admin_cannot_switch_persona(engine):
-    with pytest.raises(NotAdmin, match="Only admins"):
+    with pytest.raises(NotAdmin, match="Only this workspace's admins"):
         await engine.set_persona(said("", admin=False), "comic")
     assert (await engine.active_persona(CHANNEL)).name == "assistant"
 

@@ -12,10 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from typer.testing import CliRunner
 
 from bot.cli.finetune import finetune
+from bot.models.base import ModelError
 from bot.models.chat_format import DEFAULT_END_OF_TURN
+from bot.models.resolve import resolve_local
 from finetune.data import DataReport, Example, read_jsonl, split_examples
 from finetune.formatting import IGNORE, encode, encode_all, pack_features
-from finetune.train import FinetuneConfig, FinetuneError, run
+from finetune.train import FinetuneConfig, FinetuneError, resolve_base, run
 from tiny_gpt2 import build_tiny_gpt2
 
 TOPICS = ["statistics", "the median", "outliers", "regression", "data", "plots", "models", "the mean"]
@@ -122,6 +124,27 @@ def test_finetuned_dir_answers_through_the_local_backend(tmp_path, settings, tin
     import asyncio
 
     assert "break up" in asyncio.run(answer())
+
+
+def test_a_base_is_found_where_the_bot_finds_a_persona_model(tmp_path, settings, tiny_base):
+    folder = shutil.copytree(tiny_base, settings.models_dir / "tiny").resolve()
+    (folder.parent / "tiny.gguf").write_bytes(b"GGUF")  # only looked up, never loaded
+
+    def bot(path: str):
+        return resolve_local(path, settings.models_dir, settings.data_dir)
+
+    for path in ("tiny", "models/tiny", str(folder)):  # a pulled name, a persona's `path: models/NAME`, a folder
+        assert bot(path).target == resolve_base(path, settings) == str(folder)
+    assert bot("gpt2").target == resolve_base("gpt2", settings) == "gpt2"  # a Hub id
+    gguf = bot("models/tiny.gguf")
+    assert (gguf.target, gguf.options) == (str(folder.parent), {"gguf_file": "tiny.gguf"})
+    with pytest.raises(FinetuneError, match="GGUF file fine-tunes only once converted"):
+        resolve_base("models/tiny.gguf", settings)
+    nothing = str(tmp_path / "nothing")
+    with pytest.raises(ModelError, match="No model folder at"):
+        bot(nothing)
+    with pytest.raises(FinetuneError, match="no model dir there"):
+        resolve_base(nothing, settings)
 
 
 def test_malformed_jsonl_rows_are_reported_with_line_and_reason(tmp_path):

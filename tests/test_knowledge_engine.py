@@ -6,7 +6,7 @@ import pytest
 from openai_server import openai_server  # noqa: F401  (fixture)
 
 from bot.config import Settings
-from bot.conversation import ConvKey, Incoming
+from bot.conversation import ConvKey, Incoming, Role
 from bot.engine import Engine
 from bot.history import HistoryStore
 from bot.models.registry import ModelRegistry
@@ -23,7 +23,7 @@ knowledge: [handbook]
 """
 HANDBOOK = "# Handbook\n\n## Holidays\n\nEvery employee gets 27 days of paid holiday a year.\n"
 CHANNEL = ConvKey("terminal", "local", "general")
-ADMIN = Incoming(CHANNEL, "boss", "", user_name="boss", is_admin=True)
+ADMIN = Incoming(CHANNEL, "boss", "", user_name="boss", role=Role.ADMIN)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,7 @@ async def engine(tmp_path, openai_server, embedder):
 
 
 async def ask(engine: Engine, text: str) -> str:
-    incoming = Incoming(CHANNEL, "u1", text, user_name="u1", is_admin=False)
+    incoming = Incoming(CHANNEL, "u1", text, user_name="u1")
     return "".join([piece async for piece in engine.reply(incoming)])
 
 
@@ -76,7 +76,7 @@ async def test_persona_is_told_it_has_no_source_when_nothing_matches(engine, ope
 
 
 async def test_history_gives_up_room_for_the_passages_so_the_prompt_fits_the_window(engine, openai_server):
-    (engine.personas.directory / "archivist.yaml").write_text(
+    (engine.personas.library.directory / "archivist.yaml").write_text(
         LIBRARIAN.replace("name: librarian", "name: archivist") + "model: {context_window: 3000, max_tokens: 200}\n")
     persona = await engine.set_persona(ADMIN, "archivist")
     sections = "".join(f"## Holiday rule {n}\n\nPaid holiday rule {n}: " + "holiday days are booked with the team "

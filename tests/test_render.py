@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from bot.platforms.discord_reply import DISCORD_LIMIT
 from bot.platforms.slack_format import MESSAGE_LIMIT, STREAM_LIMIT
 from bot.render import best_cut, close_open_fence, open_fence, split_message
 
-LIMITS = pytest.mark.parametrize("limit", [DISCORD_LIMIT, MESSAGE_LIMIT, STREAM_LIMIT])
-
 
 def _without_fence_lines(text: str) -> str:
+    """`text` less its whole-line fences, the ones a cut may add."""
     return re.sub(r"^```(?:python)?$\n?", "", text, flags=re.MULTILINE)
 
 
@@ -114,27 +111,50 @@ def test_split_keeps_inline_code_at_a_line_start_out_of_the_next_piece():
 
 
 def test_a_cut_never_makes_a_fence_out_of_inline_code():
-    # Cut after "```ls " the first message would end in a fence line; cut before "```x" the next would start one.
-    line = "```ls -la``` lists " + "the folder " * 30 + "then ```x``` again " + "and more " * 30
-    for limit in range(60, len(line), 17):
-        pieces = split_message(line, limit)
-        assert "".join(pieces) == line and all(open_fence(p) is None for p in pieces)
+    # Cut inside the long inline code, a message would end in a line that reads as a fence; cut before the lone
+    # ```, the next message would start with one.
+    inline = "```ls" + " -la" * 60 + "``` lists the folder.\n"
+    lone = "Type" + " a word" * 40 + " ``` to open a block.\n"
+    for text in ((inline + "A line" + " of words" * 10 + ".\n") * 8, (lone + inline) * 8):
+        for limit in range(300, len(text), 7):
+            pieces = split_message(text, limit)
+            assert "".join(pieces) == text and all(open_fence(p) is None for p in pieces)
 
 
-@LIMITS
-def test_every_platform_limit_handles_fences_the_same(limit):
-    inline = "```ls -la``` lists the folder, and " + "so on " * 40 + "\n"
+def test_a_line_that_reads_as_a_fence_moves_whole_rather_than_being_cut():
+    # Inside the block "```js…" is code (it has an info string, so it cannot close it), but cut after its "``"
+    # the rest would read as a fence in the next message.
+    text = "```md\n" + "z" * 900 + "\n```js" + "w" * 1200 + "\n```\n"
+
+    pieces = split_message(text, DISCORD_LIMIT)
+
+    assert pieces == ["```md\n" + "z" * 900 + "\n```", "```md\n```js" + "w" * 1200 + "\n```\n"]
+
+
+def test_a_cut_leaves_no_code_block_empty():
+    # The last line end that fits is right before the closing fence: a cut there would reopen an empty block.
+    text = "```python\n" + "a" * (DISCORD_LIMIT - len("\n```") - len("```python\n") - 1) + "\n```\nDone."
+
+    pieces = split_message(text, DISCORD_LIMIT)
+
+    assert all(len(p) <= DISCORD_LIMIT for p in pieces) and not any("```python\n```" in p for p in pieces)
+
+
+def test_discord_and_slack_limits_handle_fences_the_same():
+    inline = "```ls -la``` lists the folder.\n"
+    prose = "It shows " + "every file, " * 40 + "hidden ones too.\n\n"
     code = "```python\n" + "".join(f"print({i})\n" for i in range(300)) + "```\n"
-    text = (inline + code + "\n") * (3 * limit // len(inline + code) + 2)
+    text = (inline + prose + code + "\n") * 40
 
-    pieces = split_message(text, limit)
+    for limit in (DISCORD_LIMIT, MESSAGE_LIMIT, STREAM_LIMIT):
+        pieces = split_message(text, limit)
 
-    assert len(pieces) > 1 and all(len(p) <= limit for p in pieces)
-    assert all(open_fence(p) is None for p in pieces)
-    # Inline code is never taken for a fence: nothing is closed or reopened but the Python block.
-    fence_lines = {line for p in pieces for line in p.splitlines() if line.startswith("```")}
-    assert fence_lines <= {"```python", "```"} | {line for line in fence_lines if line.startswith("```ls -la```")}
-    assert "".join(_without_fence_lines(p) for p in pieces) == _without_fence_lines(text)
+        assert len(pieces) > 1 and all(len(p) <= limit for p in pieces)
+        assert all(open_fence(p) is None for p in pieces)
+        # Inline code is never taken for a fence: only the Python block is closed and reopened.
+        fence_lines = {line for p in pieces for line in p.splitlines() if line.startswith("```")}
+        assert fence_lines == {inline.strip(), "```python", "```"}
+        assert "".join(_without_fence_lines(p) for p in pieces) == _without_fence_lines(text)
 
 
 # -- streaming -----------------------------------------------------------------------------------------------
@@ -159,3 +179,11 @@ def test_a_stream_cut_continues_the_code_block_it_is_in():
 
     assert at <= 100 and more[:at].endswith("\n")  # a line end: inside code, spaces are no boundary
     assert best_cut(sent, more, len(more)) == len(more)
+
+
+def test_a_stream_message_ends_at_its_last_line_end_rather_than_mid_word():
+    sent = "Some words, " * 20 + "\n"
+    more = "x" * 100
+
+    assert best_cut(sent, more, 40) == 0
+    assert best_cut("", more, 40) == 40  # a message holds something, though

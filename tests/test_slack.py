@@ -130,7 +130,7 @@ async def test_non_admin_cannot_switch_persona(rig):
     await rig.slack.command("/persona", "set pirate", user="U1", response_url=rig.api.response_url("set"))
 
     refusal = await rig.api.wait_for(lambda: rig.api.responses("set"))
-    assert "Only admins" in refusal[0]["text"]
+    assert "Only this workspace's admins" in refusal[0]["text"]
     assert (await rig.engine.active_persona(ConvKey("slack", TEAM, "C1"))).name == "assistant"
 
 
@@ -147,8 +147,7 @@ async def test_persona_list_marks_the_active_one(rig):
     await rig.slack.command("/persona", "list", response_url=rig.api.response_url("list"))
 
     listing = (await rig.api.wait_for(lambda: rig.api.responses("list")))[0]["text"]
-    assert "*assistant*" in listing and "*pirate*" in listing
-    assert "active here" in listing.split("*assistant*")[1].split("\n")[0]
+    assert "▶ *Assistant* (`assistant`)" in listing and "• *Captain* (`pirate`)" in listing
 
 
 async def test_knowledge_search_says_knowledge_is_not_enabled(rig):
@@ -162,7 +161,7 @@ async def test_reset_in_a_dm_needs_no_admin(rig):
     await rig.slack.command("/reset", "", channel="D1", response_url=rig.api.response_url("reset"))
 
     reply = (await rig.api.wait_for(lambda: rig.api.responses("reset")))[0]["text"]
-    assert reply.startswith("Done")
+    assert reply.startswith("Context cleared")
 
 
 # -- request security ---------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ async def test_file_shared_by_a_non_admin_is_refused_without_downloading_it(rig)
                            "files": [{"id": "F3", "name": "secrets.md"}]})
     await rig.api.wait_for(lambda: rig.api.calls_to("chat.postMessage"))
 
-    assert "Only admins" in rig.api.calls_to("chat.postMessage")[0].params["text"]
+    assert "Only this workspace's admins" in rig.api.calls_to("chat.postMessage")[0].params["text"]
     assert rig.api.downloads == []
 
 

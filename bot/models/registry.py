@@ -48,7 +48,8 @@ class ModelRegistry:
 
     @asynccontextmanager
     async def use(self, spec: "ModelSpec | None" = None) -> AsyncIterator[ChatModel]:
-        """The model for `spec`, held until the block ends: an eviction meanwhile waits for the last holder."""
+        """The model for `spec`, seen through the persona's context window and held until the block ends: an
+        eviction meanwhile waits for the last holder to finish."""
         if ((spec and spec.backend) or self.settings.backend) == "openai":
             yield self._openai(spec)
             return
@@ -56,7 +57,7 @@ class ModelRegistry:
                                self.settings.data_dir)
         key = (source.target, source.gguf_file)
         entry = self._find(key) or await self._load(key, source)
-        entry.leases += 1  # no await since it was found or loaded, so nothing evicted it in between
+        entry.leases += 1  # nothing ran since it was found or loaded (no await suspended), so it is still open
         try:
             await self._evict(keep=self.settings.max_local_models)  # in case `_find` took one back
             asked = spec.context_window if spec else None

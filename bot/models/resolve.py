@@ -1,9 +1,9 @@
 """Where a local model's weights are, from what an admin wrote: one answer for the bot and `finetune --base`.
 
 Accepted, first match wins: a name under `<data dir>/models/` (what `personabot models pull` and `personabot
-finetune` write), a model folder, a `.gguf` file, either of those under the data dir (a persona's
-`path: models/NAME`), else a Hugging Face Hub id. Folders come back absolute, so one model named several ways
-is still one model to the registry's cache.
+finetune` write), a model folder or a `.gguf` file (a relative path missing here is looked for under the data
+dir, which is what a persona's `path: models/NAME` means), else a Hugging Face Hub id. Folders come back
+absolute, so one model named several ways is still one model to the registry's cache.
 """
 from __future__ import annotations
 

@@ -19,8 +19,7 @@ from bot import commands
 from bot.conversation import Attachment, Incoming
 from bot.engine import Engine
 from bot.platforms.discord_reply import DISCORD_LIMIT, ReplyStream, conv_key, make_incoming, safe_mentions
-from bot.render import split_message
-from bot.render_text import clip
+from bot.render import clip, split_message
 
 if TYPE_CHECKING:
     from bot.platforms.discord_bot import PersonaBot

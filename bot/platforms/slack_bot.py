@@ -31,8 +31,7 @@ from bot.config import Settings
 from bot.conversation import Attachment, ConvKey, Incoming, Role
 from bot.platforms.slack_format import MESSAGE_LIMIT, from_slack, to_mrkdwn
 from bot.platforms.slack_reply import ChannelPacer, ThreadReply
-from bot.render import split_message
-from bot.render_text import clip
+from bot.render import clip, split_message
 
 if TYPE_CHECKING:
     from bot.engine import Engine

@@ -1,10 +1,14 @@
-"""Knowledge retrieval: documents under knowledge/<collection>/ ground a persona's replies, with citations.
+"""Knowledge retrieval: documents in collections ground a persona's replies, with citations.
+
+Global collections (knowledge/<collection>/) are seen by every workspace; a workspace's own uploads
+(<data_dir>/workspaces/<platform>/<id>/knowledge/<collection>/) by it alone (folders.py).
 
 parse → chunk → embed (sentence-transformers) → store (SQLite: manifest, chunks, vectors, FTS5) and
 vectors (FAISS per collection) → search (dense + BM25, fused) → a grounding block for the system message.
 """
 from bot.retrieval.retriever import Retriever, SyncReport
 from bot.retrieval.search import Grounding, Hit
+from bot.retrieval.store import FileRow
 from bot.retrieval.uploads import UploadRefused
 
-__all__ = ["Grounding", "Hit", "Retriever", "SyncReport", "UploadRefused"]
+__all__ = ["FileRow", "Grounding", "Hit", "Retriever", "SyncReport", "UploadRefused"]

@@ -87,7 +87,8 @@ class Retriever:
         """Async: opens the store and loads (or repairs) the FAISS indexes in a thread. The model loads later,
         on the first query or ingest, so a bot whose knowledge is unchanged starts without it."""
         self = await asyncio.to_thread(
-            cls, Path(settings.knowledge_dir), Path(settings.data_dir) / "workspaces", Path(settings.data_dir) / "knowledge",
+            cls, Path(settings.knowledge_dir), Path(settings.data_dir) / "workspaces",
+            Path(settings.data_dir) / "knowledge",
             embedder or Embedder.shared(settings.embed_model),
             max_upload_bytes=int(settings.knowledge_max_upload_mb * 1024 * 1024), progress=progress,
         )
@@ -163,8 +164,9 @@ class Retriever:
                 continue
             cosine = similarity.get(chunk_id, float(np.dot(vector, row.vector)))
             lowered = row.text.lower()
-            hits.append(Hit(plain(row.source), row.locator, row.text, score, cosine, plain(row.collection),
-                            row.tokens, any(code in lowered for code in codes), own=row.collection != plain(row.collection)))
+            collection = plain(row.collection)
+            hits.append(Hit(plain(row.source), row.locator, row.text, score, cosine, collection, row.tokens,
+                            any(code in lowered for code in codes), own=collection != row.collection))
         return hits
 
     # -- keeping the index in step with the folder ---------------------------------------------------
@@ -384,7 +386,8 @@ class Retriever:
     def files(self, collection: str | None = None, *, workspace: Workspace | None = None) -> list[FileRow]:
         """Documents the workspace sees, by source as it sees them; `own` tells its uploads from global ones."""
         wanted = self._visible(self.store.collections(), None if collection is None else [collection], workspace)
-        rows = [FileRow(plain(source), *rest, plain(source) != source) for source, *rest in self.store.file_rows(wanted)]
+        rows = [FileRow(plain(source), *rest, plain(source) != source)
+                for source, *rest in self.store.file_rows(wanted)]
         return sorted(rows, key=lambda row: (row.source, row.own))
 
     def stats(self, workspace: Workspace | None = None) -> list[tuple[str, int, int, int]]:
