@@ -335,8 +335,8 @@ class Engine:
         self.require_admin(incoming, "delete personas")
         entry = await self.personas.entry(incoming.workspace, name)
         if entry.origin is Origin.SHIPPED:
-            raise PersonaRefused([f"`{name}` ships with the bot, so it cannot be deleted from chat; the bot's "
-                                  f"owners change shipped personas in its personas/ folder. Nothing was changed."])
+            raise NotAdmin(f"`{name}` ships with the bot, so it cannot be deleted from chat; the bot's owners "
+                           "change shipped personas in its personas/ folder. Nothing was changed.")
         await self.personas.delete(incoming.workspace, name, saved_by=incoming.user_id)
         await self._audit(incoming, "delete_persona", name)
         return entry.origin

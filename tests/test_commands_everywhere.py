@@ -1,0 +1,135 @@
+"""Every command of the one table, run on the terminal, Discord and Slack, must answer the same.
+
+One engine serves all three: the terminal chat in-process (its person is an owner), the Discord bot through
+dpytest, the Slack app over signed HTTP with the fake Web API. Each platform sits in a workspace of its own, so
+each starts from the same fresh state; the answers are compared as each platform shows them (Slack's as mrkdwn).
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import aiohttp
+import discord
+import discord.ext.test as dpytest
+import pytest
+from aiohttp import web
+
+from bot import commands
+from bot.config import Settings
+from bot.engine import Engine
+from bot.platforms.discord_bot import create_bot
+from bot.platforms.slack_bot import create_slack_app, create_web_app
+from bot.platforms.slack_format import to_mrkdwn
+from bot.platforms.terminal import chat
+from openai_server import openai_server  # noqa: F401  (fixture)
+from slack_api import BOT_TOKEN, SIGNING_SECRET, FakeSlackApi, SlackApp
+from test_discord import FakeInteraction, channel, make_admin, member
+
+REPO = Path(__file__).resolve().parent.parent
+SLACK_ADMIN = "UADMIN"
+
+# (typed line, who runs it): run in this order, each platform in its own fresh workspace.
+AS_ADMIN = [
+    "/persona list",
+    "/persona show comic",
+    "/persona show nobody",
+    "/persona set comic",
+    "/persona show",
+    "/persona set nobody",
+    "/persona delete comic",
+    "/reset",
+    "/ask tell me a joke",
+    "/channel enable",
+    "/channel disable",
+    "/knowledge search refunds",
+    "/knowledge list",
+    "/usage",
+    "/persona create Not-A-Name",
+    "/persona create comic",
+]
+AS_MEMBER = ["/persona set sre", "/reset", "/channel enable", "/usage", "/persona create pirate",
+             "/persona edit comic", "/persona delete comic", "/persona list", "/ask hello"]
+
+
+@pytest.fixture
+async def engine(tmp_path, openai_server, monkeypatch):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PERSONABOT_ADMINS", "PERSONABOT_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    shutil.copytree(REPO / "personas", tmp_path / "personas")
+    engine = await Engine.create(Settings(
+        _env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_PERSONAS_DIR=tmp_path / "personas",
+        OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=openai_server.base_url,
+        SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_SIGNING_SECRET=SIGNING_SECRET,
+    ), knowledge=False)
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture
+async def discord_bot(engine):
+    bot = create_bot(engine, engine.settings, edit_interval=0.01)
+    await bot._async_setup_hook()
+    bot._connection._intents.members = True
+    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
+    dpytest.configure(bot, guilds=["Guild"], text_channels=["general"], voice_channels=0, members=["alice", "bob"])
+    await make_admin(member("alice"))
+    yield bot
+    await dpytest.empty_queue()
+
+
+@pytest.fixture
+async def slack(engine):
+    api = await FakeSlackApi(admins={SLACK_ADMIN}).start()
+    engine.settings = engine.settings.model_copy(update={"slack_api_url": api.api_url})
+    runner = web.AppRunner(create_web_app(create_slack_app(engine, engine.settings)))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    async with aiohttp.ClientSession() as session:
+        yield SlackApp(f"http://127.0.0.1:{runner.addresses[0][1]}/slack/events", session), api
+    await runner.cleanup()
+    await api.close()
+
+
+async def on_terminal(engine: Engine, line: str) -> str:
+    out = io.StringIO()
+    await chat(engine, workspace="everywhere", stdin=io.StringIO(line + "\n"), stdout=out)
+    return out.getvalue().removesuffix("\n")
+
+
+async def on_discord(bot, line: str, who: str) -> str:
+    cmd, args = commands.parse(line)
+    names = cmd.path.split()
+    command = bot.tree.get_command(names[0])
+    for name in names[1:]:
+        command = command.get_command(name)
+    interaction = FakeInteraction(bot, member(who), channel("general"))
+    await command.callback(interaction, **args)
+    return interaction.text
+
+
+async def on_slack(slack, line: str, user: str) -> str:
+    app, api = slack
+    name, _, text = line.removeprefix("/").partition(" ")
+    url_name = f"r{len(api.calls)}"
+    await app.command(f"/{name}", text, user=user, response_url=api.response_url(url_name))
+    return "\n".join(r["text"] for r in await api.wait_for(lambda: api.responses(url_name)))
+
+
+async def test_every_command_answers_an_admin_alike_on_all_three_platforms(engine, discord_bot, slack):
+    for line in AS_ADMIN:
+        terminal = await on_terminal(engine, line)
+        on_discord_ = await on_discord(discord_bot, line, "alice")
+        on_slack_ = await on_slack(slack, line, SLACK_ADMIN)
+
+        assert on_discord_ == terminal, line
+        assert on_slack_ == to_mrkdwn(terminal), line
+
+
+async def test_every_command_refuses_a_member_alike_on_discord_and_slack(engine, discord_bot, slack):
+    for line in AS_MEMBER:
+        on_discord_ = await on_discord(discord_bot, line, "bob")
+        on_slack_ = await on_slack(slack, line, "U1")
+
+        assert on_slack_ == to_mrkdwn(on_discord_), line
