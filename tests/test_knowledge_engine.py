@@ -7,7 +7,7 @@ from openai_server import openai_server  # noqa: F401  (fixture)
 
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming, Role
-from bot.engine import Engine
+from bot.engine import Engine, NotAdmin
 from bot.history import HistoryStore
 from bot.models.registry import ModelRegistry
 from bot.personas import PersonaLibrary
@@ -92,3 +92,27 @@ async def test_history_gives_up_room_for_the_passages_so_the_prompt_fits_the_win
     assert "Holiday rule" in sent[0]["content"]  # the passages made it in
     assert sum(1 for m in sent if m["content"].startswith("Message ")) >= 2  # and so did some history
     assert model.count_tokens(sent) <= 3000 - 200
+
+
+async def test_a_persona_never_cites_another_workspaces_collection_of_the_same_name(engine, openai_server):
+    other = Incoming(ConvKey("slack", "T2", "C1"), "boss2", "", user_name="boss2", role=Role.ADMIN)
+    await engine.add_knowledge(other, "handbook.md", HANDBOOK.encode(), "handbook")
+    openai_server.script("I have no source for that.")
+
+    await ask(engine, "How many days of paid holiday do I get?")  # this workspace's librarian cites "handbook"
+
+    system = openai_server.requests[-1]["messages"][0]["content"]
+    assert "27 days" not in system and "no source for that" in system
+    assert await engine.search_knowledge(Incoming(CHANNEL, "u1", ""), "paid holiday") == []
+
+
+async def test_an_owner_adds_global_knowledge_from_chat_and_an_admin_may_not(engine):
+    owner = Incoming(ConvKey("slack", "T2", "C1"), "root", "", role=Role.OWNER)
+
+    with pytest.raises(NotAdmin, match="owners"):
+        await engine.add_knowledge(ADMIN, "handbook.md", HANDBOOK.encode(), "global:handbook")
+    await engine.add_knowledge(owner, "handbook.md", HANDBOOK.encode(), "global:handbook")
+
+    hits = await engine.search_knowledge(Incoming(CHANNEL, "u1", ""), "paid holiday")
+    assert [hit.source for hit in hits] == ["handbook/handbook.md"]
+    assert (engine.settings.knowledge_dir / "handbook" / "handbook.md").exists()
