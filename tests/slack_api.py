@@ -79,6 +79,11 @@ class FakeSlackApi:
     def calls_to(self, *methods: str) -> list[Call]:
         return [c for c in self.calls if c.method in methods]
 
+    def opened_views(self) -> list[dict]:
+        """The modals the bot opened (views.open), in order, as the dicts Slack would show."""
+        return [c.params["view"] if isinstance(c.params["view"], dict) else json.loads(c.params["view"])
+                for c in self.calls_to("views.open")]
+
     def responses(self, name: str) -> list[dict]:
         return [c.params for c in self.calls if c.method == f"respond/{name}"]
 
@@ -136,8 +141,9 @@ class FakeSlackApi:
             return {"ok": True, "channel": p["channel"], "ts": p["_ts"], "message": {"text": p.get("text", "")}}
         if method in ("chat.update", "chat.appendStream", "chat.stopStream"):
             return {"ok": True, "channel": p["channel"], "ts": p["ts"]}
-        if method == "views.open":
-            return {"ok": True, "view": {"id": f"V{next(self._ts)}", **json.loads(p["view"])}}
+        if method == "views.open":  # slack_sdk sends the view as a JSON object; other clients as a string
+            view = p["view"] if isinstance(p["view"], dict) else json.loads(p["view"])
+            return {"ok": True, "view": {"id": f"V{next(self._ts)}", **view}}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": f"{1700000000 + next(self._ts)}.000200"}
         if method == "users.info":
@@ -216,7 +222,10 @@ class SlackApp:
             **(headers or {}),
         }
         async with self.session.post(self.url, data=body.encode(), headers=sent) as response:
-            await response.read()
+            # What the bot acked with, kept for after the connection is released: empty, a text or JSON such as
+            # a form's `{"response_action": "errors", ...}`.
+            raw = await response.read()
+            response.acked = json.loads(raw) if response.content_type == "application/json" and raw else raw.decode()
             return response
 
     def command_body(self, command: str, text: str, *, user: str = "U1", channel: str = "C1",
@@ -243,12 +252,20 @@ class SlackApp:
         return await self.post(self.event_body(event, event_id=event_id, team=team), "application/json",
                                headers=headers)
 
-    async def submit_view(self, view: dict[str, Any], values: dict[str, str], *, user: str = "U1",
-                          team: str = TEAM) -> aiohttp.ClientResponse:
-        """The signed `view_submission` Slack sends when someone presses Save on a modal the app opened."""
+    def view_submission_body(self, view: dict[str, Any], values: dict[str, str], *, user: str = "U1",
+                             team: str = TEAM) -> str:
+        """What Slack posts when someone presses Save on a modal the app opened: `values` by block id, the
+        rest of the fields as the modal showed them."""
         state = {"values": {block["block_id"]: {"value": {"type": "plain_text_input", "value": values.get(
             block["block_id"], block["element"].get("initial_value"))}} for block in view["blocks"]}}
         payload = {"type": "view_submission", "team": {"id": team, "domain": "test"},
                    "user": {"id": user, "team_id": team}, "api_app_id": "A1", "trigger_id": "trigger-view",
                    "view": {**view, "id": "V1", "team_id": team, "state": state}}
-        return await self.post(urlencode({"payload": json.dumps(payload)}), "application/x-www-form-urlencoded")
+        return urlencode({"payload": json.dumps(payload)})
+
+    async def submit_view(self, view: dict[str, Any], values: dict[str, str], *, user: str = "U1",
+                          team: str = TEAM, timestamp: int | None = None,
+                          signature: str | None = None) -> aiohttp.ClientResponse:
+        """The signed `view_submission`; `timestamp` and `signature` forge or replay it."""
+        return await self.post(self.view_submission_body(view, values, user=user, team=team),
+                               "application/x-www-form-urlencoded", timestamp=timestamp, signature=signature)

@@ -13,6 +13,7 @@ import typer
 from tqdm import tqdm
 
 from bot.config import Settings
+from bot.conversation import Workspace
 from bot.history import HistoryStore
 
 app = typer.Typer(no_args_is_help=True)
@@ -59,13 +60,18 @@ async def _export(db_path: Path, f, platform: str | None, channel: str | None, p
 
 def usage(
     since: Annotated[Optional[str], typer.Option(help="First UTC day to include, as YYYY-MM-DD.")] = None,
+    workspace: Annotated[Optional[str], typer.Option(help="Only this workspace, e.g. discord:1234.")] = None,
 ) -> None:
     """Tokens spent by platform, channel, persona and day (from the usage the models reported)."""
     try:
         first_day = date.fromisoformat(since) if since else None
     except ValueError:
         raise typer.BadParameter(f"{since!r} is not a date; use YYYY-MM-DD, e.g. 2025-01-31", param_hint="--since")
-    rows = asyncio.run(_usage(_existing_db(), first_day))
+    try:
+        where = Workspace.parse(workspace) if workspace else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--workspace") from None
+    rows = asyncio.run(_usage(_existing_db(), first_day, where))
     if not rows:
         typer.echo("No token usage recorded" + (f" since {first_day}." if first_day else "."))
         return
@@ -83,10 +89,10 @@ def usage(
         typer.echo("  ".join(cells).rstrip())
 
 
-async def _usage(db_path: Path, since: date | None) -> list[dict]:
+async def _usage(db_path: Path, since: date | None, workspace: Workspace | None) -> list[dict]:
     store = await HistoryStore.open(db_path)
     try:
-        return await store.usage(since)
+        return await store.usage(since, workspace)
     finally:
         await store.close()
 
