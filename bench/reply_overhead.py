@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sqlite3
 import statistics
@@ -55,8 +56,9 @@ class InstantModels:
     def __init__(self) -> None:
         self.model = InstantModel()
 
-    async def get(self, spec=None) -> InstantModel:  # type: ignore[no-untyped-def]
-        return self.model
+    @contextlib.asynccontextmanager
+    async def use(self, spec=None):  # type: ignore[no-untyped-def]
+        yield self.model
 
     async def close(self) -> None:
         pass

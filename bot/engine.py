@@ -386,6 +386,12 @@ class Engine:
         persona = await self.active_persona(incoming.key)
         return await retriever.search(query, persona.knowledge or None, k, workspace=incoming.workspace)
 
+    def removable_documents(self, incoming: Incoming) -> list[str]:
+        """The documents `/knowledge remove` may name here: the workspace's own, and for owners the global ones."""
+        rows = self.require_knowledge().files(workspace=incoming.workspace)
+        return [row.source if row.own else f"{GLOBAL_PREFIX}{row.source}" for row in rows
+                if row.own or incoming.is_owner]
+
     async def knowledge_collections(self, incoming: Incoming) -> tuple[list[str], Persona]:
         """The collections this workspace sees (global and its own), and the active persona, which cites some."""
         retriever = self.require_knowledge()
