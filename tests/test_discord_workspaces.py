@@ -18,7 +18,6 @@ from discord import app_commands
 
 from bot.conversation import Workspace
 from bot.platforms.discord_bot import create_bot
-from bot.platforms.discord_reply import conv_key
 from openai_server import openai_server  # noqa: F401  (fixture)
 from test_discord import WITH_KNOWLEDGE, FakeInteraction, bot_messages, engine, make_admin, submit  # noqa: F401
 
@@ -225,6 +224,20 @@ async def test_editing_shipped_persona_in_alpha_changes_alpha_only(bot, engine, 
     assert "(`assistant`, own copy)" in alpha_show.text and "terse" in alpha_show.text
 
 
+async def test_deleting_alphas_copy_brings_back_the_shipped_persona_there(bot, engine, openai_server):
+    started = await slash(bot, "persona edit", who="ada", where="Alpha", name="assistant")
+    await submit(started.modal, FakeInteraction(bot, member("Alpha", "ada"), channel("Alpha")),
+                 system="You are Alpha's terse assistant.")
+
+    refused = await slash(bot, "persona delete", who="bea", where="Beta", name="assistant")
+    deleted = await slash(bot, "persona delete", who="ada", where="Alpha", name="assistant")
+    await mention(bot, "status?", who="amy", where="Alpha")
+
+    assert "ships with the bot" in refused.text and "Nothing was changed" in refused.text
+    assert "shipped version serves here again" in deleted.text
+    assert system_prompt(openai_server) == shipped(engine, "assistant")
+
+
 # -- an admin of one guild in another -------------------------------------------------------------------
 
 REFUSED_IN_BETA = {
@@ -392,6 +405,20 @@ async def test_audit_rows_carry_the_guild_of_the_action(bot, engine):
     ]
 
 
+async def test_usage_shows_only_this_guilds_tokens(bot):
+    await slash(bot, "persona set", who="bea", where="Beta", name="comic")
+    await mention(bot, "a joke", who="ben", where="Beta")
+    await mention(bot, "hello", who="amy", where="Alpha")
+
+    alpha = await slash(bot, "usage", who="ada", where="Alpha")
+    beta = await slash(bot, "usage", who="bea", where="Beta")
+    refused = await slash(bot, "usage", who="ada", where="Beta")
+
+    assert "assistant" in alpha.text and "comic" not in alpha.text
+    assert "comic" in beta.text and "assistant" not in beta.text
+    assert refused.answers[0].ephemeral and "Nothing was changed" in refused.text and "comic" not in refused.text
+
+
 # -- knowledge --------------------------------------------------------------------------------------------
 
 ALPHA_HANDBOOK = "# On-call\n\nThe pager rotation hands over every Tuesday at 10:00 UTC.\n"
@@ -435,3 +462,36 @@ async def test_same_name_upload_in_beta_leaves_alphas_copy(bot, tmp_path):
     assert "handbook.md" in added.text and "Not done" not in added.text
     assert "Tuesday" in alpha_found.text and "Friday" not in alpha_found.text
     assert "Friday" in beta_found.text and "Tuesday" not in beta_found.text
+
+
+@WITH_KNOWLEDGE
+async def test_beta_admin_can_neither_see_nor_remove_alphas_document(bot, tmp_path):
+    await upload(bot, tmp_path, "ada", "Alpha", ALPHA_HANDBOOK)
+    sources = command(bot, "knowledge remove")._params["source"].autocomplete
+
+    offered_in_beta = await sources(FakeInteraction(bot, member("Beta", "bea"), channel("Beta")), "")
+    removed = await slash(bot, "knowledge remove", who="bea", where="Beta", source="handbook/handbook.md")
+    offered_in_alpha = await sources(FakeInteraction(bot, member("Alpha", "ada"), channel("Alpha")), "")
+    alpha_found = await slash(bot, "knowledge search", who="amy", where="Alpha", query=QUESTION)
+
+    assert offered_in_beta == []
+    assert removed.answers[0].ephemeral and "There is no document `handbook/handbook.md` here" in removed.text
+    assert [choice.value for choice in offered_in_alpha] == ["handbook/handbook.md"]
+    assert "Tuesday" in alpha_found.text
+
+
+@WITH_KNOWLEDGE
+async def test_persona_citing_a_collection_is_grounded_in_its_own_guilds_upload(bot, tmp_path, openai_server):
+    await upload(bot, tmp_path, "ada", "Alpha", ALPHA_HANDBOOK)
+    for admin, where in (("ada", "Alpha"), ("bea", "Beta")):
+        await create_persona(bot, admin, where, "oncall", system="You answer on-call questions.",
+                             extra="knowledge: [handbook]\n")
+        await slash(bot, "persona set", who=admin, where=where, name="oncall")
+
+    await mention(bot, QUESTION, who="amy", where="Alpha")
+    alpha_prompt = system_prompt(openai_server)
+    await mention(bot, QUESTION, who="ben", where="Beta")
+
+    assert "Tuesday" in alpha_prompt
+    assert system_prompt(openai_server).startswith("You answer on-call questions.")
+    assert "Tuesday" not in system_prompt(openai_server)

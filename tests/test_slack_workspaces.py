@@ -116,7 +116,8 @@ async def say(rig: Rig, command: str, text: str, *, team: str, user: str, channe
 async def open_form(rig: Rig, text: str, *, team: str, user: str, channel: str = "C1") -> dict:
     """Run `/persona create|edit …`; the modal Slack shows for it."""
     opened = len(rig.api.opened_views())
-    await rig.slack.command("/persona", text, team=team, user=user, channel=channel, response_url=rig.api.response_url("form"))
+    await rig.slack.command("/persona", text, team=team, user=user, channel=channel,
+                            response_url=rig.api.response_url("form"))
     return (await rig.api.wait_for(lambda: rig.api.opened_views()[opened:]))[0]
 
 
@@ -143,6 +144,15 @@ async def mention(rig: Rig, text: str, *, team: str, channel: str = "C1", user: 
     await rig.slack.event(event, team=team)
     await rig.api.wait_for(lambda: len(rig.api.calls_to("chat.stopStream")) > finished)
     return next(r for r in reversed(rig.model.requests) if r["messages"][-1]["content"] == text)
+
+
+async def dm(rig: Rig, text: str, *, ts: str, thread_ts: str | None = None, user: str = MEMBER) -> dict:
+    """A message to the bot in D1 of T1 (a reply in its thread when `thread_ts`); the model request it made."""
+    finished = len(rig.api.calls_to("chat.stopStream"))
+    await rig.slack.event({"type": "message", "channel_type": "im", "channel": "D1", "user": user, "text": text,
+                           "ts": ts, **({"thread_ts": thread_ts} if thread_ts else {})}, team=T1)
+    await rig.api.wait_for(lambda: len(rig.api.calls_to("chat.stopStream")) > finished)
+    return rig.model.requests[-1]
 
 
 def system_prompt(request: dict) -> str:
@@ -268,6 +278,17 @@ async def test_switching_a_channels_persona_leaves_the_same_channel_id_in_anothe
     assert system_prompt(await mention(rig, "who is there?", team=T2)) == ASSISTANT
 
 
+@pytest.mark.xfail(strict=True, reason="core: set_persona resets the channel-level conversation only, and on "
+                   "Slack every conversation is a thread (see the report)")
+async def test_switching_persona_gives_a_thread_already_going_on_a_clean_slate(rig):
+    await mention(rig, "my codeword is FIG-8", team=T1, ts="1700000940.000001")
+
+    await say(rig, "/persona", "set comic", team=T1, user=ADMIN1)
+
+    after = await mention(rig, "the codeword?", team=T1, thread_ts="1700000940.000001")
+    assert system_prompt(after) == COMIC and "FIG" not in seen_by_model(after)
+
+
 async def test_enabling_a_channel_leaves_the_same_channel_id_in_another_workspace_alone(rig):
     assert (await say(rig, "/channel", "enable", team=T1, user=ADMIN1)).startswith("I'll answer every message")
 
@@ -278,13 +299,14 @@ async def test_enabling_a_channel_leaves_the_same_channel_id_in_another_workspac
 async def test_a_message_in_an_enabled_channel_is_answered_only_in_that_workspace(rig):
     await say(rig, "/channel", "enable", team=T1, user=ADMIN1)
 
-    for team, text, ts in ((T2, "unmentioned in T2", "1700000900.000001"), (T1, "unmentioned in T1", "1700000901.000001")):
+    for team, ts in ((T2, "1700000900.000001"), (T1, "1700000901.000001")):
         await rig.slack.event({"type": "message", "channel_type": "channel", "channel": "C1", "user": "U1",
-                               "text": text, "ts": ts}, team=team)
+                               "text": f"unmentioned in {team}", "ts": ts}, team=team)
     await rig.api.wait_for(lambda: rig.api.calls_to("chat.stopStream"))
     await mention(rig, "and now a mention in T2", team=T2)  # T2's plain message was handled before this
 
-    assert [r["messages"][-1]["content"] for r in rig.model.requests] == ["unmentioned in T1", "and now a mention in T2"]
+    asked = [r["messages"][-1]["content"] for r in rig.model.requests]
+    assert asked == ["unmentioned in T1", "and now a mention in T2"]
 
 
 async def test_same_channel_and_timestamp_in_two_workspaces_are_two_messages(rig):
@@ -293,6 +315,17 @@ async def test_same_channel_and_timestamp_in_two_workspaces_are_two_messages(rig
 
     assert [r["messages"][-1]["content"] for r in rig.model.requests] == ["hello from T1", "hello from T2"]
     assert [c.params["recipient_team_id"] for c in rig.api.calls_to("chat.startStream")] == [T1, T2]
+
+
+async def test_replies_in_the_same_channel_id_of_two_workspaces_are_not_paced_as_one_channel(rig):
+    # Slack's one-write-a-second is per channel of a workspace; T1's busy C1 must not hold back T2's C1.
+    for team, ts in ((T1, "1700000955.000001"), (T2, "1700000956.000001")):
+        event = {"type": "app_mention", "user": "U1", "text": f"<@{BOT_USER}> hi from {team}", "ts": ts,
+                 "channel": "C1", "event_ts": ts}
+        await rig.slack.event(event, team=team)
+    done = await rig.api.wait_for(lambda: (stops := rig.api.calls_to("chat.stopStream"))[1:] and stops)
+
+    assert abs(done[1].at - done[0].at) < 0.5  # one shared pacer puts a full second between them
 
 
 # -- /ask is a one-off --------------------------------------------------------------------------------------
@@ -322,14 +355,25 @@ async def test_the_next_mention_never_sees_an_ask_exchange(rig):
 
 async def test_member_switches_and_resets_their_own_dm(rig):
     switched = await say(rig, "/persona", "set comic", team=T1, user=MEMBER, channel="D1")
-    await rig.slack.event({"type": "message", "channel_type": "im", "channel": "D1", "user": MEMBER,
-                           "text": "tell me one", "ts": "1700000970.000001"}, team=T1)
-    await rig.api.wait_for(lambda: rig.api.calls_to("chat.stopStream"))
+    request = await dm(rig, "tell me one", ts="1700000970.000001")
     reset = await say(rig, "/reset", "", team=T1, user=MEMBER, channel="D1")
 
     assert switched.startswith("Now speaking as *Comic* here")
-    assert system_prompt(rig.model.requests[-1]) == COMIC
+    assert system_prompt(request) == COMIC
     assert reset.startswith("Context cleared")
+
+
+@pytest.mark.xfail(strict=True, reason="core: a channel-level reset does not reach the channel's threads, and on "
+                   "Slack every conversation is a thread (see the report)")
+async def test_reset_in_a_dm_clears_the_conversation_already_going_on_there(rig):
+    await dm(rig, "my codeword is KIWI-3", ts="1700000975.000001")
+    before = await dm(rig, "the codeword?", ts="1700000975.000002", thread_ts="1700000975.000001")
+    assert "KIWI" in seen_by_model(before)
+
+    assert (await say(rig, "/reset", "", team=T1, user=MEMBER, channel="D1")).startswith("Context cleared")
+
+    after = await dm(rig, "the codeword now?", ts="1700000975.000003", thread_ts="1700000975.000001")
+    assert "KIWI" not in seen_by_model(after)
 
 
 async def test_member_may_not_switch_or_reset_a_shared_channel(rig):

@@ -163,7 +163,14 @@ async def _collection_choices(engine: Engine, incoming: Incoming, current: str) 
     return [app_commands.Choice(name=name, value=name) for name in names if current in name]
 
 
-AUTOCOMPLETE = {"persona": _persona_choices, "collection": _collection_choices}
+async def _source_choices(engine: Engine, incoming: Incoming, current: str) -> list[app_commands.Choice[str]]:
+    if engine.retriever is None or not incoming.is_admin:
+        return []
+    return [app_commands.Choice(name=clip(source, 100), value=source)
+            for source in engine.removable_documents(incoming) if current in source.lower()]
+
+
+AUTOCOMPLETE = {"persona": _persona_choices, "collection": _collection_choices, "source": _source_choices}
 
 
 def _completer(engine: Engine, choices):

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -158,7 +158,8 @@ class SlackBot:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self._recent = _Recent()
-        self._pacer = ChannelPacer()
+        # Slack paces writes per channel of a workspace, and channel ids are only unique within one.
+        self._pacers: defaultdict[str, ChannelPacer] = defaultdict(ChannelPacer)
 
     def register(self, app: AsyncApp) -> None:
         app.middleware(self._drop_retries)
@@ -250,19 +251,28 @@ class SlackBot:
     # -- conversation ---------------------------------------------------------------------------------
 
     async def direct_message(self, event: dict, body: dict, client: AsyncWebClient, context: dict) -> None:
-        """DMs with the bot. Channel messages reach us only as app_mention (no message.channels scope)."""
-        if event.get("channel_type") != "im" or event.get("bot_id"):
+        """DMs with the bot, and every message in a channel an admin turned on with `/channel enable` (Slack
+        sends those only to an app subscribed to message.channels / message.groups)."""
+        if event.get("bot_id"):
             return
-        if event.get("subtype") not in (None, "file_share", "thread_broadcast"):
+        if event.get("channel_type") != "im":
+            # Only what people write: a file dropped in a busy channel is not an upload for the bot.
+            if event.get("subtype") not in (None, "thread_broadcast"):
+                return
+            key = ConvKey("slack", body.get("team_id") or event.get("team", ""), event.get("channel", ""))
+            if not await self.engine.channel_enabled(key):
+                return
+        elif event.get("subtype") not in (None, "file_share", "thread_broadcast"):
             return  # edits, deletions, joins: nothing to answer
         await self.chat(event, body, client, context)
 
     async def chat(self, event: dict, body: dict, client: AsyncWebClient, context: dict) -> None:
         channel, ts, user = event["channel"], event["ts"], event.get("user", "")
-        # A mention inside a DM can arrive both as message.im and app_mention: answer the message once.
-        if not user or not self._recent.first_time(("message", channel, ts)):
-            return
         team = body.get("team_id") or event.get("team", "")
+        # A mention can arrive both as a message event and as app_mention: answer the message once. Channel
+        # ids are only unique within a workspace, so the workspace is part of what makes a message the same.
+        if not user or not self._recent.first_time(("message", team, channel, ts)):
+            return
         thread = event.get("thread_ts") or ts
         incoming = Incoming(
             key=ConvKey("slack", team, channel, thread),
@@ -276,7 +286,8 @@ class SlackBot:
         if not incoming.text:
             await client.chat_postMessage(channel=channel, thread_ts=thread, text="Yes? Ask me something.")
             return
-        reply = ThreadReply(client, channel=channel, thread_ts=thread, team_id=team, user_id=user, pacer=self._pacer)
+        reply = ThreadReply(client, channel=channel, thread_ts=thread, team_id=team, user_id=user,
+                            pacer=self._pacers[team])
         async for piece in self.engine.reply(incoming):
             await reply.write(piece)
         await reply.close()
