@@ -290,17 +290,19 @@ class Engine:
             self.require_admin(incoming, "switch personas")
         persona = await self.personas.get(incoming.workspace, name)
         await self.history.set_persona(incoming.key.channel_key, persona.name)
-        # A new voice gets a clean slate: the old persona's turns would drag it back into character.
-        await self.history.reset(incoming.key.channel_key)
-        if incoming.key.thread:
-            await self.history.reset(incoming.key)
+        # A new voice gets a clean slate everywhere it now speaks: the channel and the threads that inherit it.
+        await self.history.reset_channel(incoming.key)
         await self._audit(incoming, "set_persona", persona.name)
         return persona
 
     async def reset(self, incoming: Incoming) -> None:
+        """In a thread, that thread starts afresh; anywhere else the channel and every thread in it do."""
         if not incoming.is_private:
             self.require_admin(incoming, "reset a shared channel's context")
-        await self.history.reset(incoming.key)
+        if incoming.key.thread:
+            await self.history.reset(incoming.key)
+        else:
+            await self.history.reset_channel(incoming.key)
         await self._audit(incoming, "reset")
 
     async def set_channel_enabled(self, incoming: Incoming, enabled: bool) -> None:

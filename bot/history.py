@@ -178,6 +178,26 @@ class HistoryStore:
             self._contexts.forget(key)
             raise
 
+    async def reset_channel(self, key: ConvKey) -> None:
+        """A fresh context for the channel and every thread in it (on Slack every conversation is a thread)."""
+        channel = key.channel_key
+        await self.reset(channel)
+        with self._admitted():
+            done = self._enqueue(
+                "INSERT INTO contexts (platform, workspace, channel, thread, context, reset_at)"
+                " SELECT t.platform, t.workspace, t.channel, t.thread, coalesce(c.context, 0) + 1, ?"
+                " FROM (SELECT DISTINCT platform, workspace, channel, thread FROM messages"
+                f"       WHERE {KEY} AND thread != '') t"
+                " LEFT JOIN contexts c USING (platform, workspace, channel, thread) WHERE true"
+                " ON CONFLICT DO UPDATE SET context = excluded.context, reset_at = excluded.reset_at",
+                (_now(), *_channel(channel)),
+            )
+        try:
+            await done
+        finally:
+            # Threads' cached context numbers are stale now; the next message of each reads its new one.
+            self._contexts.forget_where(lambda cached: cached[:3] == channel[:3] and cached[3])
+
     async def _load_turns(self, key: ConvKey, context: int) -> Conversation:
         async with self._sync:
             if (conversation := self._turns.get(key, context)) is not None:

@@ -45,6 +45,11 @@ class Recent:
     def forget(self, key: Hashable) -> None:
         self._items.pop(key, None)
 
+    def forget_where(self, matches) -> None:
+        """Drop every cached key `matches(key)` accepts: a scan, fine for rare admin actions."""
+        for key in [key for key in self._items if matches(key)]:
+            del self._items[key]
+
 
 # id, the turn as a model reads it, tokens. The message dict is built once and handed out by every window
 # that includes it, so windows must be treated as read-only.

@@ -431,7 +431,8 @@ async def test_manifest_declares_exactly_the_commands_and_events_the_app_handles
     events = manifest["settings"]["event_subscriptions"]["bot_events"]
     assert {event.split(".")[0] for event in events} == registered.events
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
-    needed = {"app_mention": "app_mentions:read", "message.im": "im:history"}
+    needed = {"app_mention": "app_mentions:read", "message.im": "im:history", "message.channels": "channels:history",
+              "message.groups": "groups:history"}
     assert {needed[event] for event in events} | {"commands", "chat:write"} <= scopes
     # The persona forms come back as signed view_submission requests to the same URL.
     assert registered.views and manifest["settings"]["interactivity"]["is_enabled"]

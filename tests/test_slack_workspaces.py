@@ -278,8 +278,6 @@ async def test_switching_a_channels_persona_leaves_the_same_channel_id_in_anothe
     assert system_prompt(await mention(rig, "who is there?", team=T2)) == ASSISTANT
 
 
-@pytest.mark.xfail(strict=True, reason="core: set_persona resets the channel-level conversation only, and on "
-                   "Slack every conversation is a thread (see the report)")
 async def test_switching_persona_gives_a_thread_already_going_on_a_clean_slate(rig):
     await mention(rig, "my codeword is FIG-8", team=T1, ts="1700000940.000001")
 
@@ -363,8 +361,6 @@ async def test_member_switches_and_resets_their_own_dm(rig):
     assert reset.startswith("Context cleared")
 
 
-@pytest.mark.xfail(strict=True, reason="core: a channel-level reset does not reach the channel's threads, and on "
-                   "Slack every conversation is a thread (see the report)")
 async def test_reset_in_a_dm_clears_the_conversation_already_going_on_there(rig):
     await dm(rig, "my codeword is KIWI-3", ts="1700000975.000001")
     before = await dm(rig, "the codeword?", ts="1700000975.000002", thread_ts="1700000975.000001")
