@@ -223,7 +223,7 @@ async def persona_list(engine: "Engine", incoming: Incoming, args: dict[str, Any
         f"{'▶' if name == active.name else '•'} **{entry.persona.display_name}** (`{name}`)"
         + (f": {entry.persona.description}" if entry.persona.description else "")
         + ("" if entry.origin is Origin.SHIPPED else f" _({entry.origin.value})_")
-        for name, entry in (await engine.personas.entries(incoming.workspace)).items()
+        for name, entry in (await engine.personas_in(incoming.workspace)).items()
     ]
     return Reply("\n".join(lines) + "\n\n▶ = active here. Admins switch with `/persona set`.")
 
@@ -232,7 +232,7 @@ async def persona_list(engine: "Engine", incoming: Incoming, args: dict[str, Any
          Arg("name", "Persona name", "persona", required=False))
 async def persona_show(engine: "Engine", incoming: Incoming, args: dict[str, Any]) -> Result:
     active = await engine.active_persona(incoming.key)
-    entry = await engine.personas.entry(incoming.workspace, args.get("name", active.name))
+    entry = await engine.persona_in(incoming.workspace, args.get("name", active.name))
     return Reply(describe_persona(entry.persona, origin=entry.origin.value, active=entry.persona.name == active.name))
 
 
@@ -252,7 +252,7 @@ async def persona_create(engine: "Engine", incoming: Incoming, args: dict[str, A
     name = args["name"]
     if not NAME_PATTERN.fullmatch(name):
         raise Usage("Persona names are lowercase letters, digits and '-'. Nothing was changed.")
-    entries = await engine.personas.entries(incoming.workspace)
+    entries = await engine.personas_in(incoming.workspace)
     if name in entries:
         raise Usage(f"`{name}` already exists; use `/persona edit {name}`.")
     return persona_form(name, None)
@@ -262,7 +262,7 @@ async def persona_create(engine: "Engine", incoming: Incoming, args: dict[str, A
          Arg("name", "Persona name", "persona"), admin=True)
 async def persona_edit(engine: "Engine", incoming: Incoming, args: dict[str, Any]) -> Result:
     engine.require_admin(incoming, "edit personas")
-    persona = await engine.personas.get(incoming.workspace, args["name"])
+    persona = (await engine.persona_in(incoming.workspace, args["name"])).persona
     form = persona_form(persona.name, persona)
     if any(len(f.value) > f.max_length for f in form.fields):
         raise Usage(f"`{persona.name}` is longer than a form holds ({FORM_TEXT_LIMIT} characters a field); "

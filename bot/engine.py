@@ -271,6 +271,13 @@ class Engine:
 
     # -- channel state -------------------------------------------------------------------------------
 
+    async def personas_in(self, workspace: Workspace) -> dict[str, Entry]:
+        """Every persona the workspace may use, by name: the shipped ones and its own."""
+        return await self.personas.entries(workspace)
+
+    async def persona_in(self, workspace: Workspace, name: str) -> Entry:
+        return await self.personas.entry(workspace, name)
+
     async def active_entry(self, key: ConvKey) -> Entry:
         name = await self.history.get_persona(key.channel_key) or self.settings.default_persona
         try:
@@ -387,6 +394,10 @@ class Engine:
         retriever = self.require_knowledge()
         persona = await self.active_persona(incoming.key)
         return await retriever.search(query, persona.knowledge or None, k, workspace=incoming.workspace)
+
+    @property
+    def knowledge_enabled(self) -> bool:
+        return self.retriever is not None
 
     def removable_documents(self, incoming: Incoming) -> list[str]:
         """The documents `/knowledge remove` may name here: the workspace's own, and for owners the global ones."""

@@ -7,27 +7,20 @@ each starts from the same fresh state; the answers are compared as each platform
 from __future__ import annotations
 
 import io
-import shutil
-from pathlib import Path
 
 import aiohttp
-import discord
-import discord.ext.test as dpytest
 import pytest
 from aiohttp import web
 
 from bot import commands
-from bot.config import Settings
 from bot.engine import Engine
-from bot.platforms.discord_bot import create_bot
 from bot.platforms.slack_bot import create_slack_app, create_web_app
 from bot.platforms.slack_format import to_mrkdwn
 from bot.platforms.terminal import chat
 from openai_server import openai_server  # noqa: F401  (fixture)
 from slack_api import BOT_TOKEN, SIGNING_SECRET, FakeSlackApi, SlackApp
-from test_discord import FakeInteraction, channel, make_admin, member
+from test_discord import FakeInteraction, bot, channel, engine, make_admin, member  # noqa: F401  (fixtures)
 
-REPO = Path(__file__).resolve().parent.parent
 SLACK_ADMIN = "UADMIN"
 
 # (typed line, who runs it): run in this order, each platform in its own fresh workspace.
@@ -54,35 +47,10 @@ AS_MEMBER = ["/persona set sre", "/reset", "/channel enable", "/usage", "/person
 
 
 @pytest.fixture
-async def engine(tmp_path, openai_server, monkeypatch):
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PERSONABOT_ADMINS", "PERSONABOT_BACKEND"):
-        monkeypatch.delenv(name, raising=False)
-    shutil.copytree(REPO / "personas", tmp_path / "personas")
-    engine = await Engine.create(Settings(
-        _env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_PERSONAS_DIR=tmp_path / "personas",
-        OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=openai_server.base_url,
-        SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_SIGNING_SECRET=SIGNING_SECRET,
-    ), knowledge=False)
-    yield engine
-    await engine.close()
-
-
-@pytest.fixture
-async def discord_bot(engine):
-    bot = create_bot(engine, engine.settings, edit_interval=0.01)
-    await bot._async_setup_hook()
-    bot._connection._intents.members = True
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-    dpytest.configure(bot, guilds=["Guild"], text_channels=["general"], voice_channels=0, members=["alice", "bob"])
-    await make_admin(member("alice"))
-    yield bot
-    await dpytest.empty_queue()
-
-
-@pytest.fixture
 async def slack(engine):
     api = await FakeSlackApi(admins={SLACK_ADMIN}).start()
-    engine.settings = engine.settings.model_copy(update={"slack_api_url": api.api_url})
+    engine.settings = engine.settings.model_copy(update={
+        "slack_api_url": api.api_url, "slack_bot_token": BOT_TOKEN, "slack_signing_secret": SIGNING_SECRET})
     runner = web.AppRunner(create_web_app(create_slack_app(engine, engine.settings)))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -117,19 +85,20 @@ async def on_slack(slack, line: str, user: str) -> str:
     return "\n".join(r["text"] for r in await api.wait_for(lambda: api.responses(url_name)))
 
 
-async def test_every_command_answers_an_admin_alike_on_all_three_platforms(engine, discord_bot, slack):
+async def test_every_command_answers_an_admin_alike_on_all_three_platforms(engine, bot, slack):
+    await make_admin(member("alice"))
     for line in AS_ADMIN:
         terminal = await on_terminal(engine, line)
-        on_discord_ = await on_discord(discord_bot, line, "alice")
+        on_discord_ = await on_discord(bot, line, "alice")
         on_slack_ = await on_slack(slack, line, SLACK_ADMIN)
 
         assert on_discord_ == terminal, line
         assert on_slack_ == to_mrkdwn(terminal), line
 
 
-async def test_every_command_refuses_a_member_alike_on_discord_and_slack(engine, discord_bot, slack):
+async def test_every_command_refuses_a_member_alike_on_discord_and_slack(engine, bot, slack):
     for line in AS_MEMBER:
-        on_discord_ = await on_discord(discord_bot, line, "bob")
+        on_discord_ = await on_discord(bot, line, "bob")
         on_slack_ = await on_slack(slack, line, "U1")
 
         assert on_slack_ == to_mrkdwn(on_discord_), line

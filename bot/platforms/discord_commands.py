@@ -151,20 +151,20 @@ class CommandForm(discord.ui.Modal):
 
 
 async def _persona_choices(engine: Engine, incoming: Incoming, current: str) -> list[app_commands.Choice[str]]:
-    entries = await engine.personas.entries(incoming.workspace)
+    entries = await engine.personas_in(incoming.workspace)
     return [app_commands.Choice(name=clip(f"{e.persona.display_name} ({name})", 100), value=name)
             for name, e in entries.items() if current in name or current in e.persona.display_name.lower()]
 
 
 async def _collection_choices(engine: Engine, incoming: Incoming, current: str) -> list[app_commands.Choice[str]]:
-    if engine.retriever is None:
+    if not engine.knowledge_enabled:
         return []
     names, _ = await engine.knowledge_collections(incoming)
     return [app_commands.Choice(name=name, value=name) for name in names if current in name]
 
 
 async def _source_choices(engine: Engine, incoming: Incoming, current: str) -> list[app_commands.Choice[str]]:
-    if engine.retriever is None or not incoming.is_admin:
+    if not engine.knowledge_enabled or not incoming.is_admin:
         return []
     return [app_commands.Choice(name=clip(source, 100), value=source)
             for source in engine.removable_documents(incoming) if current in source.lower()]
