@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     slack_app_token: str | None = Field(None, validation_alias="SLACK_APP_TOKEN")
     slack_api_url: str | None = Field(None, validation_alias="SLACK_API_URL")
     port: int = Field(8000, validation_alias=AliasChoices("PORT"))
+    bind_address: str = Field("0.0.0.0", validation_alias="PERSONABOT_BIND_ADDRESS")
+    # When set, GET /metrics answers only requests with `Authorization: Bearer <token>`.
+    metrics_token: str | None = Field(None, validation_alias="PERSONABOT_METRICS_TOKEN")
 
     @field_validator("admins", "allowed_models", mode="before")
     @classmethod
