@@ -84,6 +84,7 @@ class Command:
     handler: Handler
     args: tuple[Arg, ...] = ()
     admin: bool = False  # for members it only says why not; platforms may hide it from them
+    opens_form: bool = False  # may answer with a Form, which a platform must show as its first response
 
     @property
     def usage(self) -> str:
@@ -100,9 +101,10 @@ GROUPS = {  # what each group of subcommands is for, where a platform shows it
 }
 
 
-def command(path: str, help: str, *args: Arg, admin: bool = False) -> Callable[[Handler], Handler]:
+def command(path: str, help: str, *args: Arg, admin: bool = False,
+            opens_form: bool = False) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
-        COMMANDS[path] = Command(path, help, handler, args, admin)
+        COMMANDS[path] = Command(path, help, handler, args, admin, opens_form)
         return handler
 
     return register
@@ -245,7 +247,7 @@ async def persona_set(engine: "Engine", incoming: Incoming, args: dict[str, Any]
 
 
 @command("persona create", "Write a new persona for this workspace in a form",
-         Arg("name", "Lowercase letters, digits and '-'"), admin=True)
+         Arg("name", "Lowercase letters, digits and '-'"), admin=True, opens_form=True)
 async def persona_create(engine: "Engine", incoming: Incoming, args: dict[str, Any]) -> Result:
     # Checked before the form opens, so nobody types a whole prompt only to be refused.
     engine.require_admin(incoming, "create personas")
@@ -259,7 +261,7 @@ async def persona_create(engine: "Engine", incoming: Incoming, args: dict[str, A
 
 
 @command("persona edit", "Edit a persona in a form; a shipped one becomes this workspace's own copy",
-         Arg("name", "Persona name", "persona"), admin=True)
+         Arg("name", "Persona name", "persona"), admin=True, opens_form=True)
 async def persona_edit(engine: "Engine", incoming: Incoming, args: dict[str, Any]) -> Result:
     engine.require_admin(incoming, "edit personas")
     persona = (await engine.persona_in(incoming.workspace, args["name"])).persona

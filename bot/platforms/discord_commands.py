@@ -61,7 +61,7 @@ def _app_command(bot: "PersonaBot", cmd: commands.Command, parent: app_commands.
     async def callback(interaction: discord.Interaction, **options: Any) -> None:
         args = {name: _attachment(value) if isinstance(value, discord.Attachment) else value
                 for name, value in options.items()}
-        await render(bot, interaction, commands.run(engine, incoming_for(engine, interaction), cmd.path, args))
+        await render(bot, interaction, cmd, commands.run(engine, incoming_for(engine, interaction), cmd.path, args))
 
     parameters = [inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                     annotation=discord.Interaction)]
@@ -87,10 +87,11 @@ def _app_command(bot: "PersonaBot", cmd: commands.Command, parent: app_commands.
     return command
 
 
-async def render(bot: "PersonaBot", interaction: discord.Interaction, running) -> None:
+async def render(bot: "PersonaBot", interaction: discord.Interaction, cmd: commands.Command, running) -> None:
     """Shows what a command returned: a modal, a streamed answer, or text (ephemeral unless public)."""
     task = asyncio.ensure_future(running)
-    done, _ = await asyncio.wait({task}, timeout=ANSWER_WITHIN)
+    # A modal must be the first response, so a command that may open one is never deferred (its checks are quick).
+    done, _ = await asyncio.wait({task}, timeout=None if cmd.opens_form else ANSWER_WITHIN)
     if not done:  # an upload being indexed, the embedding model loading: keep the interaction alive
         await interaction.response.defer(ephemeral=True, thinking=True)
     result = await task
