@@ -156,8 +156,8 @@ def parse(line: str) -> tuple[Command, dict[str, str]]:
         if n == len(cmd.args) - 1:
             values[arg.name], rest = rest, ""
         else:
-            word, _, rest = rest.partition(" ")
-            values[arg.name], rest = word, rest.strip()
+            word, *more = rest.split(None, 1)
+            values[arg.name], rest = word, more[0] if more else ""
     missing = [a.name for a in cmd.args if a.required and a.name not in values]
     if missing:
         raise Usage(f"Usage: `{cmd.usage}`: {cmd.help}")
@@ -175,6 +175,8 @@ async def run(engine: "Engine", incoming: Incoming, path: str, args: dict[str, A
 async def submit(engine: "Engine", incoming: Incoming, form_id: str, state: dict[str, Any],
                  values: dict[str, str]) -> Reply:
     """A filled form, back from whichever platform showed it."""
+    if form_id not in FORMS:
+        return Reply("That form has expired; run its command again. Nothing was changed.", ok=False)
     try:
         return await FORMS[form_id](engine, incoming, state, values)
     except REFUSALS as exc:

@@ -224,10 +224,10 @@ class Engine:
         it was saved: it then answers on the default model rather than on one nobody allows any more.
         """
         spec = entry.persona.model
-        if not entry.by_owner and self.model_refusals(spec, owner=False):
+        if not entry.by_owner and self._unlisted(spec):
             log.warning("persona %s names a model outside PERSONABOT_ALLOWED_MODELS; using the default",
                         entry.persona.name)
-            spec = spec.model_copy(update={"name": None, "path": None, "max_tokens": None})
+            spec = spec.model_copy(update={"name": None, "path": None})
         params = entry.persona.gen_params(GenParams())
         return spec, dataclasses.replace(params, max_tokens=min(params.max_tokens, self.settings.max_reply_tokens))
 
@@ -239,13 +239,15 @@ class Engine:
             problems.append(f"model.max_tokens: {spec.max_tokens} is above this bot's cap of {cap} "
                             "(PERSONABOT_MAX_REPLY_TOKENS)")
         if not owner:
-            allowed = self.settings.model_allow_list
-            for field in ("name", "path"):
-                value = getattr(spec, field)
-                if value is not None and value not in allowed:
-                    problems.append(f"model.{field}: {value!r} is not a model this bot allows; choose one of: "
-                                    f"{', '.join(sorted(allowed))} (the operator sets PERSONABOT_ALLOWED_MODELS)")
+            allowed = ", ".join(sorted(self.settings.model_allow_list))
+            problems += [f"model.{field}: {value!r} is not a model this bot allows; choose one of: {allowed} "
+                         "(the operator sets PERSONABOT_ALLOWED_MODELS)" for field, value in self._unlisted(spec)]
         return problems
+
+    def _unlisted(self, spec: ModelSpec) -> list[tuple[str, str]]:
+        allowed = self.settings.model_allow_list
+        return [(field, value) for field in ("name", "path")
+                if (value := getattr(spec, field)) is not None and value not in allowed]
 
     # -- who may do what ------------------------------------------------------------------------------
 
