@@ -158,3 +158,19 @@ def m003_workspace_personas(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX personas_by_workspace ON personas (platform, workspace, name, id)")
     # Audit and usage are read per workspace now (/usage, the audit trail of one server).
     db.execute("CREATE INDEX audit_by_workspace ON audit (platform, workspace, id)")
+
+
+@migration
+def m004_slack_requests(db: sqlite3.Connection) -> None:
+    # Signed Slack requests already served, so a copy sent again inside Slack's five-minute window is refused
+    # by whichever process receives it (bot/platforms/slack_replay.py). The key leads with the timestamp, so
+    # pruning rows past the window is one range delete.
+    db.execute(
+        """
+        CREATE TABLE slack_requests (
+            timestamp INTEGER NOT NULL,
+            signature TEXT NOT NULL,
+            PRIMARY KEY (timestamp, signature)
+        ) WITHOUT ROWID
+        """
+    )

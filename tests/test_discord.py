@@ -225,6 +225,19 @@ async def test_other_bots_are_ignored(bot, openai_server):
     assert openai_server.requests == []
 
 
+async def test_webhook_messages_are_ignored(bot, openai_server):
+    """A relay or another bot posting through a webhook, its author carrying no bot flag."""
+    relay = dpy_backend.make_user("relay", "0001")
+    where = channel("general")
+    content = f"<@{bot.user.id}> ping"
+    data = dpy_backend.facts.make_message_dict(where, relay, content=content, webhook_id=dpy_backend.facts.make_id(),
+                                               mentions=dpy_backend.find_user_mentions(content, where.guild))
+    dpy_backend.get_state().parse_message_create(data)
+    await dpytest.run_all_events()
+
+    assert openai_server.requests == []
+
+
 async def test_history_is_kept_per_channel_and_not_shared(bot, openai_server):
     await say_to_bot(bot, "remember the codeword swordfish", where="general")
     await say_to_bot(bot, "what was the codeword?", where="general")

@@ -18,7 +18,7 @@ from openai_server import openai_server  # noqa: F401  (fixture)
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming, Role, Workspace
 from bot.engine import Engine, NotAdmin, PersonaRefused
-from bot.migrations import migrate
+from bot.migrations import MIGRATIONS, migrate
 from bot.personas import Persona, UnknownPersona
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +182,7 @@ async def test_a_database_from_before_workspaces_opens_with_nothing_lost(tmp_pat
     assert {"role": "user", "content": "the codeword is swordfish"} in sent
     with sqlite3.connect(settings.db_path) as db:
         assert db.execute("SELECT count(*) FROM audit").fetchone()[0] == 1
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 # -- the terminal ----------------------------------------------------------------------------------

@@ -54,7 +54,9 @@ class PersonaBot(commands.Bot):
         log.info("connected to Discord as %s in %d servers", self.user, len(self.guilds))
 
     async def on_message(self, message: discord.Message) -> None:
-        if message.author.bot or message.type not in ANSWERED_TYPES:
+        # Nothing a bot or a webhook writes is answered (a webhook's author need not be marked a bot): two
+        # bots answering each other would talk forever.
+        if message.author.bot or message.webhook_id or message.type not in ANSWERED_TYPES:
             return
         if not await self.is_addressed(message):
             return

@@ -3,17 +3,21 @@
 Every listener acks first and works after, so Slack hears back within its three seconds however slow the
 model is; answers arrive later through the command's `response_url` or in the message's thread. A thread is a
 conversation (its history key), so two threads in one channel never see each other's turns.
-Signatures and timestamps are checked by bolt's request verification before any of this code runs.
+Every request's signature and timestamp are checked over the raw body in the aiohttp route before bolt
+parses it (a forged body must cost a 401, not a parser error), a signed request seen before is refused there
+(slack_replay.py), and bolt's own verification checks again. Nothing a bot writes is answered, so two bots
+cannot talk to each other forever.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 import re
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -24,12 +28,14 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import commands, metrics
 from bot.config import Settings
 from bot.conversation import Attachment, ConvKey, Incoming, Role
 from bot.platforms.slack_format import MESSAGE_LIMIT, from_slack, to_mrkdwn
+from bot.platforms.slack_replay import ReplayGuard
 from bot.platforms.slack_reply import ChannelPacer, ThreadReply
 from bot.render import clip, split_message
 
@@ -70,16 +76,22 @@ def _web_client(settings: Settings) -> AsyncWebClient:
 
 
 class _Recent:
-    """Keys seen within `ttl` seconds. Slack retries an event up to three times over about five minutes."""
+    """Keys seen within `ttl` seconds, at most `size` of them. Slack retries an event up to three times over
+    about five minutes; the cap keeps a flood of events from growing this without bound, at the price of
+    answering twice an event retried after `size` newer ones."""
 
-    def __init__(self, ttl: float = 900.0, clock=time.monotonic):
+    def __init__(self, ttl: float = 900.0, clock=time.monotonic, size: int = 100_000):
         self._ttl = ttl
         self._clock = clock
+        self._size = size
         self._seen: OrderedDict[object, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def first_time(self, key: object) -> bool:
         now = self._clock()
-        while self._seen and next(iter(self._seen.values())) < now - self._ttl:
+        while self._seen and (next(iter(self._seen.values())) < now - self._ttl or len(self._seen) >= self._size):
             self._seen.popitem(last=False)
         if key in self._seen:
             return False
@@ -87,7 +99,15 @@ class _Recent:
         return True
 
 
-def create_slack_app(engine: "Engine", settings: Settings) -> AsyncApp:
+class PersonabotApp(AsyncApp):
+    """bolt's app, carrying the settings its HTTP route (`create_web_app`) checks requests with before bolt."""
+
+    def __init__(self, settings: Settings, **kwargs: Any):
+        super().__init__(signing_secret=settings.slack_signing_secret or "", **kwargs)
+        self.settings = settings
+
+
+def create_slack_app(engine: "Engine", settings: Settings) -> PersonabotApp:
     """The bolt app with every listener registered; serve it with `create_web_app` or Socket Mode."""
     if not settings.slack_bot_token:
         raise SlackConfigError("SLACK_BOT_TOKEN is not set (the bot token, xoxb-…, from the app's OAuth page).")
@@ -95,34 +115,70 @@ def create_slack_app(engine: "Engine", settings: Settings) -> AsyncApp:
         raise SlackConfigError(
             "Set SLACK_SIGNING_SECRET to receive events over HTTP, or SLACK_APP_TOKEN (xapp-…) for Socket Mode."
         )
-    app = AsyncApp(
+    app = PersonabotApp(
+        settings,
         client=_web_client(settings),
-        signing_secret=settings.slack_signing_secret or "",
         process_before_response=False,  # ack goes back at once; the listener keeps running after it
     )
     SlackBot(engine).register(app)
     return app
 
 
-def create_web_app(slack_app: AsyncApp | None) -> web.Application:
+def create_web_app(slack_app: PersonabotApp | None, *, metrics_token: str | None = None) -> web.Application:
     """`GET /healthz` and `GET /metrics` for the host, and `POST /slack/events` (events and slash commands)
-    when Slack talks over HTTP. In Socket Mode there is no signing secret, so that route is left out."""
-
-    async def events(request: web.Request) -> web.Response:
-        return await to_aiohttp_response(await slack_app.async_dispatch(await to_bolt_request(request)))
+    when Slack talks over HTTP. In Socket Mode there is no signing secret, so that route is left out. With a
+    `metrics_token`, /metrics answers only `Authorization: Bearer <token>`."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
     async def metrics_text(request: web.Request) -> web.Response:
+        if metrics_token and not _bearer_is(request, metrics_token):
+            return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
         body, content_type = metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_text)])
     if slack_app is not None:
-        app.add_routes([web.post("/slack/events", events)])
+        app.add_routes([web.post("/slack/events", _events_route(slack_app, app))])
     return app
+
+
+def _events_route(slack_app: PersonabotApp, web_app: web.Application):
+    """`POST /slack/events`: signature first, over the raw bytes, then once per request, then bolt."""
+    verifier = SignatureVerifier(slack_app.settings.slack_signing_secret or "")
+    replays = ReplayGuard(slack_app.settings.db_path)
+
+    async def close_replays(_: web.Application) -> None:
+        await replays.close()
+
+    web_app.on_cleanup.append(close_replays)
+
+    async def events(request: web.Request) -> web.Response:
+        body = await request.read()
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature", "")
+        try:
+            signed = verifier.is_valid(body, timestamp, signature)
+        except (ValueError, TypeError):  # a timestamp that is no number, a body or signature that is no text
+            signed = False
+        if not signed:
+            log.info("refused a Slack request with a missing, bad or stale signature")
+            return web.Response(status=401)
+        if not await replays.first_time(int(timestamp), signature):
+            log.info("refused a replayed Slack request (timestamp %s)", timestamp)
+            # An event's copy gets the empty 200 an event retry gets; a command or form copy is refused.
+            return web.Response(status=200 if request.content_type == "application/json" else 401)
+        return await to_aiohttp_response(await slack_app.async_dispatch(await to_bolt_request(request)))
+
+    return events
+
+
+def _bearer_is(request: web.Request, token: str) -> bool:
+    """Constant-time, so the token cannot be guessed a character at a time from response times."""
+    given = request.headers.get("Authorization", "").encode(errors="surrogateescape")
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
 async def run_slack(engine: "Engine", settings: Settings) -> None:
@@ -130,10 +186,11 @@ async def run_slack(engine: "Engine", settings: Settings) -> None:
     way `$PORT` answers `/healthz` and `/metrics`, so the Procfile's web process is healthy in both modes."""
     slack_app = create_slack_app(engine, settings)
     socket_mode = bool(settings.slack_app_token)
-    runner = web.AppRunner(create_web_app(None if socket_mode else slack_app), access_log=None)
+    web_app = create_web_app(None if socket_mode else slack_app, metrics_token=settings.metrics_token)
+    runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", settings.port).start()
-    log.info("Slack: listening on port %d (%s)", settings.port,
+    await web.TCPSite(runner, settings.bind_address, settings.port).start()
+    log.info("Slack: listening on %s port %d (%s)", settings.bind_address, settings.port,
              "GET /healthz, GET /metrics" if socket_mode else "POST /slack/events, GET /healthz, GET /metrics")
     try:
         if socket_mode:
@@ -158,8 +215,7 @@ class SlackBot:
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self._recent = _Recent()
-        # Slack paces writes per channel of a workspace, and channel ids are only unique within one.
-        self._pacers: defaultdict[str, ChannelPacer] = defaultdict(ChannelPacer)
+        self._pacer = ChannelPacer()  # one for every workspace: it keys channels by (workspace, channel)
 
     def register(self, app: AsyncApp) -> None:
         app.middleware(self._drop_retries)
@@ -253,7 +309,7 @@ class SlackBot:
     async def direct_message(self, event: dict, body: dict, client: AsyncWebClient, context: dict) -> None:
         """DMs with the bot, and every message in a channel an admin turned on with `/channel enable` (Slack
         sends those only to an app subscribed to message.channels / message.groups)."""
-        if event.get("bot_id"):
+        if _written_by_a_bot(event):
             return
         if event.get("channel_type") != "im":
             # Only what people write: a file dropped in a busy channel is not an upload for the bot.
@@ -267,6 +323,8 @@ class SlackBot:
         await self.chat(event, body, client, context)
 
     async def chat(self, event: dict, body: dict, client: AsyncWebClient, context: dict) -> None:
+        if _written_by_a_bot(event):
+            return
         channel, ts, user = event["channel"], event["ts"], event.get("user", "")
         team = body.get("team_id") or event.get("team", "")
         # A mention can arrive both as a message event and as app_mention: answer the message once. Channel
@@ -287,7 +345,7 @@ class SlackBot:
             await client.chat_postMessage(channel=channel, thread_ts=thread, text="Yes? Ask me something.")
             return
         reply = ThreadReply(client, channel=channel, thread_ts=thread, team_id=team, user_id=user,
-                            pacer=self._pacers[team])
+                            pacer=self._pacer)
         async for piece in self.engine.reply(incoming):
             await reply.write(piece)
         await reply.close()
@@ -323,6 +381,12 @@ class SlackBot:
                 if response.content_type == "text/html":  # Slack's sign-in page: the token lacks files:read
                     raise aiohttp.ClientError("Slack answered with a sign-in page; does the app have files:read?")
                 return await response.read()
+
+
+def _written_by_a_bot(event: dict) -> bool:
+    """Another bot's message: answering it could start two bots talking to each other forever. (bolt's
+    IgnoringSelfEvents middleware already drops the events our own bot user writes.)"""
+    return bool(event.get("bot_id") or event.get("subtype") == "bot_message")
 
 
 def _modal(form: commands.Form, channel: str, private: bool) -> dict[str, Any]:

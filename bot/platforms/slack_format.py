@@ -2,8 +2,9 @@
 
 bot.render cuts a reply at these limits, by the same rule as on every other platform.
 
-The model writes Markdown and may echo `<!channel>` or `@here` (from a prompt, a document, a joke); nothing it
-writes may ping a channel or a user group, so every outgoing string passes through `defuse_mentions`.
+The model writes Markdown and may echo `<!channel>`, `@here` or `<@U123>` (from a prompt, a document, a joke);
+nothing it writes may ping a channel, a user group or a person, so every outgoing string passes through
+`defuse_mentions`. Channel links (`<#C123>`) and dates (`<!date^…>`) notify nobody and stay as Slack shows them.
 """
 from __future__ import annotations
 
@@ -20,21 +21,38 @@ MESSAGE_LIMIT = 3_900
 STREAM_LIMIT = 12_000
 
 _ZWSP = "\u200b"
-_SPECIAL_MENTION = re.compile(r"<!(channel|here|everyone)(?:\|[^>]*)?>", re.IGNORECASE)
+_SPECIAL_MENTION = re.compile(r"<!(channel|here|everyone|group)(?:\|[^>]*)?>", re.IGNORECASE)
 _GROUP_MENTION = re.compile(r"<!subteam\^[A-Z0-9]+(?:\|@?([^>]*))?>", re.IGNORECASE)
+_USER_MENTION = re.compile(r"<@([A-Z0-9]+)(?:\|@?([^>]*))?>", re.IGNORECASE)
+# What is left of `<!` or `<@` after the above (an unknown `<!foo>`, an opener cut off or nested in another
+# token's label) is broken up, so no text written after it can ever close it into a live mention.
+_OPENER = re.compile(r"<(?=[!@])(?!!date\^)", re.IGNORECASE)
 _PLAIN_MENTION = re.compile(r"@(channel|here|everyone)\b", re.IGNORECASE)
-_LINK = re.compile(r"<(?:https?://|mailto:)[^<>\s|]+(?:\|[^<>]*)?>")
+_LINK = re.compile(r"<(?:(?:https?://|mailto:)[^<>\s|]+|#C[A-Z0-9]+)(?:\|[^<>]*)?>")
+# The start of a `<!…>`, `<@…>` or `<#…>`, or a `<` at the very end that may begin one; with any `<` just before
+# it, so a write never ends in a `<` that the next one's `@…` or `!…` would complete. Matched only from the
+# first `<` of a run, so a long run of them costs one pass.
+_TOKEN_START = re.compile(r"(?<!<)<+(?:[!@#]|$)")
+# A trailing `@word` that may still grow into (or, pending the next character, be) @here, @channel or @everyone.
+_TRAILING_AT = re.compile(r"@(\w*)$")
+_PLAIN_PREFIXES = {word[:n] for word in ("here", "channel", "everyone") for n in range(len(word) + 1)}
 
 
 def defuse_mentions(text: str) -> str:
-    """Render broadcast and user-group mentions as plain text that Slack will not notify on."""
+    """Render broadcast, user-group and user mentions as plain text that Slack will not notify on.
+
+    A label is closed with a zero-width space where its `>` was, so a label ending in `@` or `<` cannot join
+    the text after it (in this write or the next) into a new mention.
+    """
     text = _SPECIAL_MENTION.sub(lambda m: f"@{_ZWSP}{m.group(1).lower()}", text)
-    text = _GROUP_MENTION.sub(lambda m: f"@{_ZWSP}{m.group(1) or 'group'}", text)
+    text = _GROUP_MENTION.sub(lambda m: f"@{_ZWSP}{m.group(1) or 'group'}{_ZWSP}", text)
+    text = _USER_MENTION.sub(lambda m: f"@{_ZWSP}{m.group(2) or m.group(1)}{_ZWSP}", text)
+    text = _OPENER.sub(f"<{_ZWSP}", text)
     return _PLAIN_MENTION.sub(lambda m: f"@{_ZWSP}{m.group(1)}", text)
 
 
 def _escape(text: str) -> str:
-    """Escape &, < and > as Slack requires, keeping the links the converter wrote and line-start quote marks."""
+    """Escape &, < and > as Slack requires, keeping links, channel links and line-start quote marks."""
     out: list[str] = []
     last = 0
     for link in _LINK.finditer(text):
@@ -65,14 +83,14 @@ def from_slack(text: str, bot_user_id: str | None = None) -> str:
 
 
 def safe_to_send(text: str) -> int:
-    """How much of streamed `text` can go out now without cutting a `<!…>` or `@here` that may yet complete.
+    """How much of streamed `text` can go out now without cutting a `<!…>`, `<@…>` or `@here` that may yet
+    complete. Each write is defused on its own and Slack shows their concatenation, so a cut must never fall
+    inside a token: the earliest unclosed opener is held, not the last (`<!channel|a<b` may still close as one).
 
-    Only a `<` that may still become `<!…>` is held: a plain one ("if a < b") would stall the stream to the end.
+    Only a `<` that may still become a token is held: a plain one ("if a < b") would stall the stream to the end.
     """
-    lt = max(text.rfind("<!"), len(text) - 1 if text.endswith("<") else -1)
-    if lt != -1 and ">" not in text[lt:]:
-        return lt
-    at = text.rfind("@")
-    if at != -1 and len(text) - at <= len("@everyone"):
-        return at
+    if unclosed := _TOKEN_START.search(text, text.rfind(">") + 1):  # an opener after the last `>` is unclosed
+        return unclosed.start()
+    if (at := _TRAILING_AT.search(text)) and at.group(1).lower() in _PLAIN_PREFIXES:
+        return at.start()
     return len(text)

@@ -4,13 +4,17 @@ Slack's streaming methods (chat.startStream/appendStream/stopStream) show the an
 render Markdown themselves. Workspaces or channels where they are refused get the older way: one message
 posted, then edited with chat.update. Either way writes to one channel are paced by a `ChannelPacer` shared
 by every reply in flight, since Slack allows about one message write per second per channel.
+
+Each write is defused on its own (`defuse_mentions`) and cut only where `safe_to_send` says no mention can be
+split, so what the reader sees, the concatenation of the writes, pings nobody either.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
@@ -25,28 +29,48 @@ EMPTY_REPLY = "_(the model returned an empty reply)_"
 
 
 class ChannelPacer:
-    """Spaces writes to each channel `interval` seconds apart, across all the replies being written there."""
+    """Spaces writes to each channel `interval` seconds apart, across all the replies being written there.
 
-    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
+    A channel is keyed by (workspace, channel), since channel ids are only unique within a workspace. Only
+    channels whose next slot is still ahead are remembered (one whose slot has passed is as free as one never
+    seen), and never more than `size` of them, so a bot in thousands of channels holds a handful of entries.
+    """
+
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic, size: int = 10_000):
         self._interval = interval
         self._clock = clock
-        self._next: dict[str, float] = {}
+        self._size = size
+        self._next: OrderedDict[Hashable, float] = OrderedDict()  # least recently written first
 
-    def try_acquire(self, channel: str) -> bool:
+    def __len__(self) -> int:
+        return len(self._next)
+
+    def try_acquire(self, channel: Hashable) -> bool:
         """Take the channel's next slot if it is free now; a streaming update can simply wait for more text."""
         now = self._clock()
-        if now < self._next.get(channel, now):
+        if now < self._slot(channel, now):
             return False
-        self._next[channel] = now + self._interval
+        self._take(channel, now)
         return True
 
-    async def acquire(self, channel: str) -> None:
+    async def acquire(self, channel: Hashable) -> None:
         """Wait for the channel's next slot; the last write of a reply must go out."""
         now = self._clock()
-        at = max(now, self._next.get(channel, now))
-        self._next[channel] = at + self._interval
+        at = max(now, self._slot(channel, now))
+        self._take(channel, at)
         if at > now:
             await asyncio.sleep(at - now)
+
+    def _slot(self, channel: Hashable, now: float) -> float:
+        while self._next and next(iter(self._next.values())) <= now:
+            self._next.popitem(last=False)
+        return self._next.get(channel, now)
+
+    def _take(self, channel: Hashable, at: float) -> None:
+        self._next[channel] = at + self._interval
+        self._next.move_to_end(channel)
+        if len(self._next) > self._size:  # forgetting a busy channel costs at most one early write, which
+            self._next.popitem(last=False)  # slack_sdk's rate-limit retry absorbs
 
 
 class ThreadReply:
@@ -68,6 +92,7 @@ class ThreadReply:
         self._team_id = team_id
         self._user_id = user_id
         self._pacer = pacer
+        self._paced = (team_id, channel)
         self._pending = ""  # Markdown received and not yet sent
         self._wrote_any = False
         # streaming state
@@ -82,14 +107,14 @@ class ThreadReply:
 
     async def write(self, text: str) -> None:
         self._pending += text
-        if safe_to_send(self._pending) and self._pacer.try_acquire(self._channel):
+        if safe_to_send(self._pending) and self._pacer.try_acquire(self._paced):
             await self._flush(final=False)
 
     async def close(self) -> None:
         if not self._wrote_any and not self._pending.strip():
             self._pending = EMPTY_REPLY
         if self._pending:
-            await self._pacer.acquire(self._channel)
+            await self._pacer.acquire(self._paced)
             await self._flush(final=True)
         if self._stream is not None:
             await self._stream.stop()  # part of the reply's last write: Slack counts it with the append before
