@@ -13,13 +13,14 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import TYPE_CHECKING
 
 from bot import metrics
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming, Role, Workspace
 from bot.history import HistoryStore
+from bot.history_cache import MISSING, Recent
 from bot.models.base import ChatModel, ContextLengthError, GenParams, Message, ModelError
 from bot.models.registry import ModelRegistry
 from bot.persona_catalog import Entry, Origin, PersonaCatalog
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CUT_OFF_NOTICE = "\n\n_(reply cut off: it reached the length limit)_"
+UNFINISHED_NOTICE = "\n\n_(reply cut off. {error})_"  # the model failed after the reader saw part of the reply
 CONTENT_FILTER_NOTICE = "Sorry, I can't help with that one. The model's content filter stopped the reply."
 BUDGET_NOTICE = (
     "This channel has used its daily token budget ({budget:,} tokens). "
@@ -41,6 +43,8 @@ SHORT_QUERY_WORDS = 6
 ONE_OFF_THREAD = "one-off:"  # the thread of a stored `/ask` exchange, never read back as context
 GLOBAL_PREFIX = "global:"  # names a global collection from chat (owners only)
 OUTCOMES = {"length": "cut_off", "content_filter": "content_filter", "error": "error"}
+# Token counts of persona prompts, per (model, prompt): bounded, since every persona edit is a new prompt.
+PREFIX_TOKENS_CACHED = 256
 
 
 class NotAdmin(PermissionError):
@@ -66,7 +70,7 @@ class Engine:
         self.retriever = retriever
         self.personas = PersonaCatalog(personas, history)
         self._turns: dict[ConvKey, tuple[asyncio.Lock, int]] = {}
-        self._prefix_tokens: dict[tuple[str, str], int] = {}
+        self._prefix_tokens = Recent(PREFIX_TOKENS_CACHED)
 
     @classmethod
     async def create(cls, settings: Settings, *, knowledge: bool = True) -> "Engine":
@@ -94,8 +98,10 @@ class Engine:
         """
         platform = incoming.key.platform
         began, answered = time.perf_counter(), False
-        async with self._turn(incoming.key):
-            async for piece in self._reply(incoming, use_history):
+        # A reader that stops early closes each generator in turn, so the reply's own `finally` (which stores
+        # what was shown) runs now, inside the conversation's turn, not whenever the garbage collector gets to it.
+        async with self._turn(incoming.key), aclosing(self._reply(incoming, use_history)) as pieces:
+            async for piece in pieces:
                 if not answered:
                     answered = True
                     metrics.FIRST_TEXT.labels(platform).observe(time.perf_counter() - began)
@@ -127,8 +133,9 @@ class Engine:
             yield BUDGET_NOTICE.format(budget=budget)
             return
         spec, params = self._bounded(entry)
-        async with self.models.use(spec) as model:
-            async for piece in self._answer(incoming, entry.persona, model, params, use_history):
+        async with self.models.use(spec) as model, \
+                aclosing(self._answer(incoming, entry.persona, model, params, use_history)) as pieces:
+            async for piece in pieces:
                 yield piece
 
     async def _answer(self, incoming: Incoming, persona: Persona, model: ChatModel, params: GenParams,
@@ -153,19 +160,22 @@ class Engine:
                     block_tokens = model.count_tokens([{"role": "system", "content": block}])
                     history = await self.history.window(key, budget_tokens - block_tokens)
 
-        # The user's turn is queued before the model is called and committed while it thinks, so a failure
-        # never loses what they said and the first token never waits on the disk.
+        # The user's turn is queued before the model is called and committed while it thinks (the writer
+        # group-commits every channel's turns together), and the first visible text waits for that commit:
+        # nothing the bot has begun to answer can be lost to a crash, and a failure never loses what they said.
         stored_as = key if use_history else key._replace(thread=f"{ONE_OFF_THREAD}{uuid.uuid4().hex}")
         saved = asyncio.ensure_future(self.history.append(
             stored_as, "user", incoming.text, author=incoming.user_id, persona=persona.name, tokens=user_tokens))
+        text: list[str] = []
+        finish, usage, failure = None, None, None
         try:
-            text: list[str] = []
-            finish, usage = None, None
             messages = prefix + history + [user]
             for attempt in (1, 2):
                 try:
                     async for chunk in model.stream(messages, params):
                         if chunk.text:
+                            if not text:
+                                await asyncio.shield(saved)  # a reply cancelled here still stores the turn
                             text.append(chunk.text)
                             yield chunk.text
                         if chunk.finish_reason:
@@ -173,35 +183,38 @@ class Engine:
                     break
                 except ContextLengthError as exc:
                     if attempt == 2 or text:
-                        metrics.REPLIES.labels(key.platform, "error").inc()
-                        yield ERROR_NOTICE.format(error=exc)
-                        return
+                        finish, failure = "error", exc
+                        break
                     # Our token count disagreed with the server's: keep only the newest half of the history.
                     log.warning("context length exceeded; retrying with half the history", extra={"key": str(key)})
                     messages = prefix + _newest_half(history) + [user]
                 except ModelError as exc:
                     log.warning("model failed: %s", exc)
-                    metrics.REPLIES.labels(key.platform, "error").inc()
-                    yield ("\n\n" if text else "") + ERROR_NOTICE.format(error=exc)
-                    return
+                    finish, failure = "error", exc
+                    break
         finally:
             await saved
+            reply = "".join(text)
+            if reply:
+                # Stored as far as the reader saw it even when it broke off (the model failed, or the reply was
+                # cancelled); such a reply is marked `error`, never passed off as a whole `stop` answer.
+                await self.history.append(
+                    stored_as, "assistant", reply, author="bot", persona=persona.name,
+                    tokens=model.count_tokens([{"role": "assistant", "content": reply}]),
+                    finish_reason=finish or "error",
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                )
 
         metrics.REPLIES.labels(key.platform, OUTCOMES.get(finish, "ok")).inc()
         if usage:
             metrics.TOKENS.labels(key.platform, "prompt").inc(usage.prompt_tokens)
             metrics.TOKENS.labels(key.platform, "completion").inc(usage.completion_tokens)
-        if finish == "content_filter" and not text:
+        if failure is not None:
+            yield (UNFINISHED_NOTICE if reply else ERROR_NOTICE).format(error=failure)
+            return
+        if finish == "content_filter" and not reply:
             yield CONTENT_FILTER_NOTICE
-        reply = "".join(text)
-        if reply:
-            await self.history.append(
-                stored_as, "assistant", reply, author="bot", persona=persona.name,
-                tokens=model.count_tokens([{"role": "assistant", "content": reply}]),
-                finish_reason=finish,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                completion_tokens=usage.completion_tokens if usage else 0,
-            )
         if finish == "length":
             yield CUT_OFF_NOTICE
         if grounding is not None and grounding.sources_footer and reply:
@@ -209,11 +222,13 @@ class Engine:
 
     def _history_budget(self, model: ChatModel, persona: Persona, params: GenParams, user_tokens: int) -> int:
         cache_key = (model.name, persona.system + repr(persona.examples))
-        if cache_key not in self._prefix_tokens:
-            self._prefix_tokens[cache_key] = model.count_tokens(persona.prefix())
+        prefix_tokens = self._prefix_tokens.get(cache_key)
+        if prefix_tokens is MISSING:
+            prefix_tokens = model.count_tokens(persona.prefix())
+            self._prefix_tokens.put(cache_key, prefix_tokens)
         # Million-token windows exist; resending that much history on every message would cost a fortune.
         window = min(model.context_window, self.settings.max_context_tokens)
-        return window - params.max_tokens - self._prefix_tokens[cache_key] - user_tokens
+        return window - params.max_tokens - prefix_tokens - user_tokens
 
     # -- bounds the operator sets ---------------------------------------------------------------------
 

@@ -28,14 +28,17 @@ on a background thread instead — the ``openai_server_thread`` fixture, or by h
 
 Scripted replies (`Reply`), consumed one per chat-completion request, before the reply function:
 - ``"text"`` or ``Reply(text=..., chunks=[...])`` — streamed as several SSE chunks (``chunks`` fixes the split);
-  ``finish_reason`` may be ``"length"`` or ``"content_filter"``; ``usage`` overrides the counted usage and
-  ``send_usage=False`` omits the usage chunk, like servers that ignore ``stream_options``.
+  ``finish_reason`` may be ``"length"`` or ``"content_filter"``, or ``None`` to end the stream (``[DONE]``
+  included) without ever saying why; ``usage`` overrides the counted usage and ``send_usage=False`` omits the
+  usage chunk, like servers that ignore ``stream_options``.
 - ``Reply.error(status, message, code=...)`` — an OpenAI-style error body; ``Reply.context_length_exceeded()``
-  is the 400 OpenAI sends for an over-long prompt. Errors carry ``retry-after-ms: 1`` so client retries are quick.
+  is the 400 OpenAI sends for an over-long prompt; ``Reply.echoing_key(key)`` is a proxy's 400 whose message
+  repeats the credentials it was sent. Errors carry ``retry-after-ms: 1`` so client retries are quick.
 - ``Reply(raw="data: {not json\\n\\n")`` — a stream body sent verbatim, for servers that misbehave.
 - ``delay`` — seconds before the first byte; ``chunk_delay`` — seconds between chunks;
   ``stall_after=N`` — send N content chunks, then go silent (the connection stays open until the client gives up
-  or the server stops).
+  or the server stops); ``drop_after=N`` — send N content chunks, then drop the connection mid-body (no
+  ``finish_reason``, no ``[DONE]``), as a crashed server or a proxy's idle cut does.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ ReplyFn = Callable[[list[dict]], "str | Reply"]
 class Reply:
     text: str = ""
     chunks: list[str] | None = None
-    finish_reason: str = "stop"
+    finish_reason: str | None = "stop"
     usage: dict | None = None
     status: int = 200
     error: dict | None = None
@@ -67,6 +70,7 @@ class Reply:
     delay: float = 0.0
     chunk_delay: float = 0.0
     stall_after: int | None = None
+    drop_after: int | None = None
     send_usage: bool = True  # False acts like a server that ignores stream_options.include_usage
     raw: str | None = None  # sent verbatim as the stream body, for malformed-server cases
 
@@ -88,6 +92,11 @@ class Reply:
             "tokens. Please reduce the length of the messages.",
             type="invalid_request_error", code="context_length_exceeded",
         )
+
+    @classmethod
+    def echoing_key(cls, key: str = "sk-proxy-FAKE0123456789") -> "Reply":
+        return cls.error(400, f"Upstream rejected the request sent with Authorization: Bearer {key}",
+                         type="invalid_request_error")
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -255,13 +264,18 @@ class OpenAIServer:
                 if reply.stall_after is not None and n >= reply.stall_after:
                     await self._stall()
                     return response
+                if reply.drop_after is not None and n >= reply.drop_after:
+                    assert request.transport is not None
+                    request.transport.close()  # mid-body: the chunked response never reaches its end
+                    return response
                 if n and reply.chunk_delay:
                     await asyncio.sleep(reply.chunk_delay)
                 await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
             if reply.stall_after is not None and reply.stall_after >= len(pieces):
                 await self._stall()
                 return response
-            await send([{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}])
+            if reply.finish_reason is not None:
+                await send([{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}])
             if reply.send_usage and (body.get("stream_options") or {}).get("include_usage"):
                 await send([], usage=usage)
             await response.write(b"data: [DONE]\n\n")

@@ -1,5 +1,6 @@
 """The engine's reply path, end to end: real SQLite file, real `openai` client, real HTTP test server."""
 import asyncio
+import logging
 import shutil
 import sqlite3
 from pathlib import Path
@@ -9,8 +10,12 @@ from openai_server import Reply, openai_server  # noqa: F401  (fixture)
 
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming, Role
-from bot.engine import BUDGET_NOTICE, CONTENT_FILTER_NOTICE, CUT_OFF_NOTICE, Engine, NotAdmin
+from bot.engine import (
+    BUDGET_NOTICE, CONTENT_FILTER_NOTICE, CUT_OFF_NOTICE, PREFIX_TOKENS_CACHED, UNFINISHED_NOTICE, Engine, NotAdmin,
+)
 from bot.history import HistoryStore
+from bot.models.base import GenParams
+from bot.models.openai import BROKE_OFF
 
 SHIPPED_PERSONAS = Path(__file__).resolve().parent.parent / "personas"
 CHANNEL = ConvKey("terminal", "local", "general")
@@ -170,6 +175,67 @@ async def test_backend_error_gives_a_clear_message_and_keeps_the_users_turn(engi
     assert "Traceback" not in text
     await answer(engine, said("retrying"))
     assert [m["content"] for m in openai_server.last["messages"][1:]] == ["are you there?", "retrying"]
+
+
+def stored(engine: Engine) -> list[tuple[str, str, str | None]]:
+    with sqlite3.connect(engine.history.path) as db:
+        return db.execute("SELECT role, content, finish_reason FROM messages ORDER BY id").fetchall()
+
+
+@pytest.mark.parametrize("cut", [Reply(text="the answer is", drop_after=2),
+                                 Reply(text="the answer", finish_reason=None)],
+                         ids=["connection dropped", "no finish_reason"])
+async def test_a_reply_that_broke_off_says_so_and_is_stored_as_unfinished(engine, openai_server, cut):
+    openai_server.script(cut)
+    assert await answer(engine, said("what is it?")) == "the answer" + UNFINISHED_NOTICE.format(error=BROKE_OFF)
+    assert stored(engine) == [("user", "what is it?", None), ("assistant", "the answer", "error")]
+
+
+async def test_a_refused_request_shows_a_plain_reason_and_logs_the_servers_words(engine, openai_server, caplog):
+    openai_server.script(Reply.echoing_key("sk-proxy-FAKE0123456789"))
+    with caplog.at_level(logging.WARNING):
+        text = await answer(engine, said("hello"))
+    assert text == ("Sorry, I couldn't answer that: The model server refused the request (HTTP 400); "
+                    "the bot's log has the details.")
+    assert "sk-proxy-FAKE0123456789" in caplog.text
+
+
+async def test_the_first_words_wait_until_the_users_turn_is_on_disk(engine, openai_server):
+    await answer(engine, said("warm up"))  # the database exists and the conversation is cached
+    slow_disk = sqlite3.connect(engine.history.path, isolation_level=None)
+    slow_disk.execute("BEGIN IMMEDIATE")  # holds the write lock, as a slow disk would hold the commit
+    pieces = engine.reply(said("are you keeping this?"))
+    first = asyncio.ensure_future(anext(pieces))
+    await asyncio.sleep(0.3)
+    assert not first.done()  # the model answered long ago; the words wait for the commit
+    slow_disk.execute("ROLLBACK")
+    assert await first == "echo:"
+    assert ("user", "are you keeping this?", None) in stored(engine)
+    slow_disk.close()
+    await pieces.aclose()
+
+
+async def test_a_reply_cancelled_mid_stream_is_stored_as_far_as_it_was_shown(engine, openai_server):
+    openai_server.script(Reply(text="one two three four", chunk_delay=0.05))
+    pieces = engine.reply(said("count"))
+    assert [await anext(pieces), await anext(pieces)] == ["one", " two"]
+    await pieces.aclose()  # the reader went away (a deleted message, a shutdown)
+    assert stored(engine) == [("user", "count", None), ("assistant", "one two", "error")]
+
+
+async def test_many_conversations_leave_no_locks_behind(engine, openai_server):
+    keys = [ConvKey("discord", "g1", f"c{n}", f"t{n % 7}") for n in range(300)]
+    await asyncio.gather(*(answer(engine, said("hi", key)) for key in keys for _ in range(2)))
+    assert engine._turns == {}
+
+
+async def test_persona_edits_keep_the_prompt_token_cache_bounded(engine):
+    persona = engine.personas.library.get("assistant")
+    async with engine.models.use(persona.model) as model:
+        for n in range(PREFIX_TOKENS_CACHED * 3):
+            edited = persona.model_copy(update={"system": f"{persona.system} (edit {n})"})
+            engine._history_budget(model, edited, GenParams(), 0)
+    assert len(engine._prefix_tokens._items) == PREFIX_TOKENS_CACHED
 
 
 async def test_backend_silence_times_out_with_a_clear_message(engine, openai_server):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import socket
@@ -125,6 +126,26 @@ async def test_rejected_api_key_is_reported_without_the_key(openai_server, model
     with pytest.raises(ModelError) as raised:
         await collect(model_for(openai_server))
     assert "OPENAI_API_KEY" in str(raised.value) and "sk-test" not in str(raised.value)
+
+
+async def test_refused_request_is_reported_plainly_and_its_words_only_logged(openai_server, model_for, caplog):
+    openai_server.script(Reply.echoing_key("sk-proxy-FAKE0123456789"))
+    with caplog.at_level(logging.WARNING, logger="bot.models.openai"), pytest.raises(ModelError) as raised:
+        await collect(model_for(openai_server))
+    assert str(raised.value) == "The model server refused the request (HTTP 400); the bot's log has the details."
+    assert "sk-proxy-FAKE0123456789" in caplog.text
+
+
+@pytest.mark.parametrize("cut", [Reply(text="it was the best of", drop_after=2),
+                                 Reply(text="it was the best of", finish_reason=None)],
+                         ids=["connection dropped", "no finish_reason"])
+async def test_stream_that_ends_before_a_finish_reason_is_a_failure_not_an_answer(openai_server, model_for, cut):
+    openai_server.script(cut)
+    received = []
+    with pytest.raises(ModelError, match="stopped sending before the reply was finished"):
+        async for chunk in model_for(openai_server).stream(HELLO, GenParams()):
+            received.append(chunk.text)
+    assert received[:2] == ["it", " was"] and all(chunk for chunk in received)
 
 
 async def test_unknown_model_names_the_model(openai_server, model_for):

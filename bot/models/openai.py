@@ -4,7 +4,10 @@ Replies stream with the official `openai.AsyncOpenAI` client. Its own retries co
 5xx before the first byte. The timeout here measures silence, not length: the wait for the first chunk and
 every gap between chunks are each bounded by `timeout`, so a long answer that streams steadily is never cut,
 while a server that goes quiet is reported within `timeout` seconds. Every failure becomes a `ModelError`
-whose text is safe to show in a chat (no stack traces, keys or URLs with credentials).
+whose text is safe to show in a chat: a plain reason, never the server's own words (a proxy may echo
+credentials in them), which go to the log instead. A stream that ends before the model said why it stopped
+(no `finish_reason`: the connection dropped, or the server stopped short of `[DONE]`) is a failure too, never
+a whole answer.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ KNOWN_CONTEXT_WINDOWS = {
 # hidden reasoning: without headroom a persona's 400-token cap would often end in an empty, cut-off reply.
 REASONING_MODEL = re.compile(r"^(o\d|gpt-5(?!-chat))")
 REASONING_HEADROOM = 4096
+
+BROKE_OFF = "The model server stopped sending before the reply was finished."
 
 CONTEXT_LENGTH_HINTS = re.compile(
     r"context[_ ]length|maximum context|context window|too many tokens|prompt is too long|exceeds? the context",
@@ -137,6 +142,11 @@ class OpenAIChatModel:
                     if choice.finish_reason:
                         finish = choice.finish_reason
         except openai.APIError as exc:
+            dropped = isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError)
+            if dropped and pieces:  # the connection broke mid-reply: the server was reached
+                log.warning("stream from %s for model %s broke off after %d chunks", self._server, self.name,
+                            len(pieces))
+                raise ModelError(BROKE_OFF) from None
             raise self._translate(exc) from None
         except ValueError as exc:  # a compatible server that streams something other than JSON chunks
             log.warning("unreadable stream from %s for model %s: %s", self._server, self.name, exc)
@@ -144,6 +154,10 @@ class OpenAIChatModel:
         finally:
             if response is not None:
                 await response.close()
+        if finish is None:
+            log.warning("stream from %s for model %s ended without a finish_reason after %d chunks", self._server,
+                        self.name, len(pieces))
+            raise ModelError(BROKE_OFF)
         if usage is None:  # servers that ignore stream_options
             usage = Usage(self.count_tokens(messages), self._tokens.text("".join(pieces)))
         yield Chunk(finish_reason=_finish_reason(finish), usage=usage)
@@ -163,8 +177,9 @@ class OpenAIChatModel:
     def _translate(self, exc: openai.APIError) -> ModelError:
         status = getattr(exc, "status_code", None)
         message = _server_message(exc)
-        log.warning("%s from %s for model %s: status=%s code=%s request_id=%s", type(exc).__name__, self._server,
-                    self.name, status, getattr(exc, "code", None), getattr(exc, "request_id", None))
+        log.warning("%s from %s for model %s: status=%s code=%s request_id=%s: %s", type(exc).__name__,
+                    self._server, self.name, status, getattr(exc, "code", None), getattr(exc, "request_id", None),
+                    message)
         if isinstance(exc, openai.APITimeoutError):
             return self._timed_out()
         if isinstance(exc, openai.APIConnectionError):
@@ -185,14 +200,14 @@ class OpenAIChatModel:
         if status is not None and status >= 500:
             return ModelError(f"The model server had an error (HTTP {status}); try again in a moment.")
         if status is not None:
-            return ModelError(f"The model server refused the request (HTTP {status}): {message}")
-        return ModelError(f"The model stopped with an error: {message}")
+            return ModelError(f"The model server refused the request (HTTP {status}); the bot's log has the details.")
+        return ModelError("The model server reported an error; the bot's log has the details.")
 
 
-def _finish_reason(reason: str | None) -> str:
+def _finish_reason(reason: str) -> str:
     if reason in ("stop", "length", "content_filter"):
         return reason
-    return "stop"  # tool_calls / function_call never apply here; a missing reason means the stream just ended
+    return "stop"  # tool_calls / function_call never apply here
 
 
 def _server_message(exc: openai.APIError) -> str:
