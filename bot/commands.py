@@ -18,15 +18,11 @@ from bot.conversation import Attachment, Incoming
 from bot.engine import GLOBAL_PREFIX, KnowledgeDisabled, NotAdmin, PersonaRefused
 from bot.persona_catalog import Origin
 from bot.personas import NAME_PATTERN, Persona, PersonaError, UnknownPersona, parse_persona
-from bot.render import describe_persona, format_hits, usage_chart
+from bot.render import KNOWLEDGE_OFF, describe_persona, format_hits, usage_chart
 
 if TYPE_CHECKING:
     from bot.engine import Engine
 
-KNOWLEDGE_OFF = (
-    "Knowledge is not enabled on this bot, so there are no documents to add or search. "
-    "The operator can turn it on by installing the knowledge extras and restarting."
-)
 FORM_TEXT_LIMIT = 3000  # Slack's cap on a modal text input (Discord's is 4000): one form fits both
 
 

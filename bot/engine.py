@@ -24,6 +24,7 @@ from bot.history_cache import MISSING, Recent
 from bot.models.base import ChatModel, ContextLengthError, GenParams, Message, ModelError
 from bot.models.registry import ModelRegistry
 from bot.persona_catalog import Entry, Origin, PersonaCatalog
+from bot.render import BUDGET_NOTICE, CONTENT_FILTER_NOTICE, CUT_OFF_NOTICE, ERROR_NOTICE, UNFINISHED_NOTICE
 from bot.personas import ModelSpec, Persona, PersonaLibrary, UnknownPersona
 
 if TYPE_CHECKING:
@@ -31,14 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CUT_OFF_NOTICE = "\n\n_(reply cut off: it reached the length limit)_"
-UNFINISHED_NOTICE = "\n\n_(reply cut off. {error})_"  # the model failed after the reader saw part of the reply
-CONTENT_FILTER_NOTICE = "Sorry, I can't help with that one. The model's content filter stopped the reply."
-BUDGET_NOTICE = (
-    "This channel has used its daily token budget ({budget:,} tokens). "
-    "I'll be back tomorrow (UTC), or an admin can raise PERSONABOT_DAILY_TOKEN_BUDGET."
-)
-ERROR_NOTICE = "Sorry, I couldn't answer that: {error}"
 SHORT_QUERY_WORDS = 6
 ONE_OFF_THREAD = "one-off:"  # the thread of a stored `/ask` exchange, never read back as context
 GLOBAL_PREFIX = "global:"  # names a global collection from chat (owners only)

@@ -11,7 +11,8 @@ block closes it in that message and reopens it, with its language, in the next, 
 own. No cut goes through a fence line or makes a line that reads as one, unless the line alone is longer than a
 message. Apart from the added fences the messages concatenate back to the reply exactly.
 
-Below the splitter: the text the commands answer with (a persona, search hits, a usage chart), in the Markdown
+Below the splitter: the notices the bot adds to or gives instead of a model's answer, and the text the commands
+answer with (a persona, search hits, a usage chart), in the Markdown
 every platform renders (Slack's adapter converts it to mrkdwn), so the wording is the same everywhere.
 """
 from __future__ import annotations
@@ -173,6 +174,24 @@ class _Reply:
             or _FENCE_TEXT.fullmatch(self.text, line, cut)
             or _FENCE_TEXT.fullmatch(self.text, cut, end)
         )
+
+
+# -- notices: what the bot says when an answer cannot be the model's alone ------------------------------
+
+CUT_OFF_NOTICE = "\n\n_(reply cut off: it reached the length limit)_"
+UNFINISHED_NOTICE = "\n\n_(reply cut off. {error})_"  # the model failed after the reader saw part of the reply
+CONTENT_FILTER_NOTICE = "Sorry, I can't help with that one. The model's content filter stopped the reply."
+BUDGET_NOTICE = (
+    "This channel has used its daily token budget ({budget:,} tokens). "
+    "I'll be back tomorrow (UTC), or an admin can raise PERSONABOT_DAILY_TOKEN_BUDGET."
+)
+ERROR_NOTICE = "Sorry, I couldn't answer that: {error}"
+EMPTY_REPLY = "_(the model returned an empty reply)_"
+FAILURE_NOTICE = "Sorry, something went wrong on my side while answering ({error}). Please try again."
+KNOWLEDGE_OFF = (
+    "Knowledge is not enabled on this bot, so there are no documents to add or search. "
+    "The operator can turn it on by installing the knowledge extras and restarting."
+)
 
 
 # -- what the commands answer with ------------------------------------------------------------

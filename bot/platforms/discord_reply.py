@@ -24,7 +24,7 @@ import aiohttp
 import discord
 
 from bot.conversation import ConvKey, Incoming
-from bot.render import close_open_fence, split_message
+from bot.render import EMPTY_REPLY, FAILURE_NOTICE, close_open_fence, split_message
 
 if TYPE_CHECKING:
     from bot.engine import Engine
@@ -35,8 +35,6 @@ DISCORD_LIMIT = 2000  # characters of content Discord accepts in one message
 EDIT_INTERVAL = 1.2  # seconds between edits of one reply; see the module docstring
 RETRY_DELAYS = (2.0, 4.0, 8.0, 16.0, 32.0)
 TYPING_REFRESH = 8.0
-EMPTY_REPLY = "_(the model returned an empty reply)_"
-FAILURE_NOTICE = "Sorry, something went wrong on my side while answering ({error}). Please try again."
 
 T = TypeVar("T")
 

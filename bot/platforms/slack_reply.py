@@ -21,11 +21,10 @@ from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.platforms.slack_format import MESSAGE_LIMIT, STREAM_LIMIT, defuse_mentions, safe_to_send, to_mrkdwn
-from bot.render import best_cut, open_fence, split_message
+from bot.render import EMPTY_REPLY, best_cut, open_fence, split_message
 
 log = logging.getLogger(__name__)
 
-EMPTY_REPLY = "_(the model returned an empty reply)_"
 
 
 class ChannelPacer:
