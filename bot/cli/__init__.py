@@ -143,10 +143,12 @@ def _ensure_local_model(settings: Settings) -> None:
 
 
 from bot.cli import finetune, history, knowledge, models, personas  # noqa: E402  (sub-apps register after the root app exists)
+from bot.cli import eval as eval_cli  # noqa: E402
 
 app.add_typer(personas.app, name="personas", help="List, show, validate, import and export personas.")
 app.add_typer(models.app, name="models", help="Fetch and list local models.")
 app.add_typer(knowledge.app, name="knowledge")
+app.add_typer(eval_cli.app, name="eval")
 app.add_typer(history.app, name="history", help="Export stored conversations.")
 app.command()(history.usage)
 app.command()(finetune.finetune)
