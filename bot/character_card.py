@@ -7,6 +7,7 @@ carries over without hand-copying.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import re
 import struct
@@ -15,7 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bot.personas import Persona, PersonaError
+from bot import persona_input
+from bot.personas import MAX_SYSTEM_CHARS, Persona, PersonaError
 
 USER_IN_PROSE = "the user"
 USER_IN_DIALOGUE = "User"
@@ -24,20 +26,33 @@ OPENER = "Hello."  # stands in for the user's first line where a card's dialogue
 _START = re.compile(r"<start>", re.IGNORECASE)
 _SPEAKER = re.compile(r"^\s*(\{\{user\}\}|<user>|\{\{char\}\}|<bot>)\s*:\s?", re.IGNORECASE)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_CARD_BYTES = 32 * 1024 * 1024  # a card PNG carries the character's portrait, usually a few MB
+# The card fields a persona is made from, with their limits, checked before any of them is processed.
+_FIELD_LIMITS = {"name": 100} | {key: MAX_SYSTEM_CHARS for key in (
+    "system_prompt", "description", "personality", "scenario", "post_history_instructions", "first_mes",
+    "mes_example", "creator_notes")}
 
 
 def load_card(path: Path) -> dict[str, Any]:
     """Read a card from .json, or from the base64 `chara`/`ccv3` text chunk of a character PNG."""
-    data = path.read_bytes()
+    try:
+        data = persona_input.read_bytes(path, MAX_CARD_BYTES)
+    except persona_input.Refused as exc:
+        raise PersonaError([f"{path}:{exc.line}: {exc.message}"]) from None
     if data.startswith(_PNG_SIGNATURE):
         text = _png_card_text(data)
         if text is None:
             raise PersonaError([f"{path}:1: this PNG has no character card in it (no 'chara' text chunk)"])
-        data = base64.b64decode(text)
+        try:
+            data = base64.b64decode(text)
+        except binascii.Error as exc:
+            raise PersonaError([f"{path}:1: the card in this PNG is not valid base64: {exc}"]) from None
     try:
         card = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PersonaError([f"{path}:{getattr(exc, 'lineno', 1)}: not a JSON character card: {exc}"]) from None
+    except RecursionError:
+        raise PersonaError([f"{path}:1: not a character card: JSON nested too deep"]) from None
     if not isinstance(card, dict):
         raise PersonaError([f"{path}:1: a character card is a JSON object"])
     return card
@@ -61,8 +76,12 @@ def persona_from_card(card: dict[str, Any], name: str | None = None, *, source: 
     data = card.get("data") if str(card.get("spec", "")).startswith("chara_card_v") else card
     if not isinstance(data, dict):
         raise PersonaError([f"{source}:1: card has no 'data' object"])
+    too_long = [f"{source}:1: {key}: too long: {len(value):,} characters (at most {limit:,})"
+                for key, limit in _FIELD_LIMITS.items() if len(value := _field(data, key)) > limit]
+    if too_long:
+        raise PersonaError(too_long)
     char = _field(data, "name")
-    name = name or _slug(char)
+    name = name or _slug(char)[:64].strip("-")
     if not name:
         raise PersonaError([f"{source}:1: card has no usable name; pass one with --name"])
     char = char or name

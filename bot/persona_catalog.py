@@ -41,6 +41,7 @@ class PersonaCatalog:
     async def entries(self, workspace: Workspace) -> dict[str, Entry]:
         """Every persona the workspace may use, by name."""
         own = await self._own_personas(workspace)
+        await self.library.refresh()  # parses changed files on a worker thread, never on the event loop
         found = {p.name: Entry(p, Origin.SHIPPED, True) for p in self.library.all()}
         for name, (persona, by_owner) in own.items():
             found[name] = Entry(persona, Origin.COPY if name in found else Origin.OWN, by_owner)

@@ -3,9 +3,12 @@
 Admins edit these files by hand on a live server, so every mistake is reported with the file and line it is
 on, typos in key names are errors rather than silently ignored settings, and a file saved half-edited never
 takes a persona away from the channels using it: the last good version keeps serving until the file is fixed.
+Sizes are bounded far above any real persona, so a hostile or mistaken file is refused before it costs time.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import difflib
 import logging
@@ -13,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +27,7 @@ from pydantic_core import PydanticCustomError
 from pydantic.functional_validators import AfterValidator
 from typing_extensions import TypedDict
 
+from bot import persona_input
 from bot.models.base import GenParams, Message
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"[a-z0-9-]+")
 KNOWLEDGE_PATTERN = re.compile(r"[a-z0-9_-]+")
 SUFFIXES = (".yaml", ".yml")
+MAX_FILE_BYTES = 256 * 1024  # the shipped personas are 1-3 KB
+MAX_SYSTEM_CHARS = 32_000  # about 8k tokens; a longer prompt leaves most models no room to converse
+MAX_ERRORS = 20  # reported per file, the rest only counted: finding each one's line scans its mapping
 
 
 def _persona_name(value: str) -> str:
@@ -51,15 +59,12 @@ def _not_blank(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]
-
-
 @with_config(ConfigDict(extra="forbid"))
 class Example(TypedDict):
     """A few-shot turn; a plain dict at run time, so it is a `Message` wherever one is expected."""
 
     role: Literal["user", "assistant"]
-    content: Text
+    content: Annotated[str, Field(max_length=4000), AfterValidator(_not_blank)]
 
 
 class ModelSpec(BaseModel):
@@ -68,8 +73,9 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["openai", "local"] | None = None
-    name: str | None = None  # OpenAI model id
-    path: str | None = None  # local model: a name under <data dir>/models, a model dir, a .gguf file or a hub id
+    name: str | None = Field(None, max_length=200)  # OpenAI model id
+    # local model: a name under <data dir>/models, a model dir, a .gguf file or a hub id
+    path: str | None = Field(None, max_length=1000)
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -79,13 +85,13 @@ class ModelSpec(BaseModel):
 class Persona(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, AfterValidator(_persona_name)]
-    display_name: str = ""
-    description: str = ""
-    system: Text
-    examples: list[Example] = []
+    name: Annotated[str, Field(max_length=64), AfterValidator(_persona_name)]
+    display_name: str = Field("", max_length=100)
+    description: str = Field("", max_length=1000)
+    system: Annotated[str, Field(max_length=MAX_SYSTEM_CHARS), AfterValidator(_not_blank)]
+    examples: list[Example] = Field([], max_length=64)  # turns, so 32 user/assistant exchanges
     model: ModelSpec = ModelSpec()
-    knowledge: list[Annotated[str, AfterValidator(_collection_name)]] = []
+    knowledge: list[Annotated[str, Field(max_length=64), AfterValidator(_collection_name)]] = Field([], max_length=32)
 
     @model_validator(mode="after")
     def _check(self) -> Persona:
@@ -149,43 +155,44 @@ class UnknownPersona(KeyError):
 
 def parse_persona(text: str, source: str) -> Persona:
     """Validate persona YAML; a `source` ending in .yaml/.yml must be named after the persona it holds."""
-    loader = yaml.SafeLoader(text)
+    if (size := len(text.encode("utf-8", "surrogatepass"))) > MAX_FILE_BYTES:
+        raise PersonaError([f"{source}:1: {persona_input.too_big(size, MAX_FILE_BYTES)}"])
     try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PersonaError([f"{source}:{line}: YAML syntax error: {problem}"]) from None
-    finally:
-        loader.dispose()
+        root, data = persona_input.load_yaml(text)
+    except persona_input.Refused as exc:
+        raise PersonaError([f"{source}:{exc.line}: {exc.message}"]) from None
 
-    errors: list[tuple[int, str]] = list(_duplicate_keys(root))
-    persona = None
+    errors = persona_input.duplicate_keys(root)
+    persona, invalid = None, []
     try:
         persona = Persona.model_validate(data)
     except ValidationError as exc:
-        for err in exc.errors():
-            loc = _location(err)
-            path = _dotted(loc)
-            message = _describe(err, loc)
-            errors.append((_line_of(root, loc), f"{path}: {message}" if path else message))
+        invalid = exc.errors()
+    for err in invalid[:MAX_ERRORS]:  # locating an error scans its mapping: uncapped, 20k bad keys take minutes
+        loc = _location(err)
+        path = _dotted(loc)
+        message = _describe(err, loc)
+        errors.append((persona_input.line_of(root, loc), f"{path}: {message}" if path else message))
 
     stem = Path(source).stem
     if persona is not None and Path(source).suffix in SUFFIXES and persona.name != stem:
-        errors.append((_line_of(root, ("name",)), f"name: {persona.name!r} must match the file name {stem!r}"))
+        line = persona_input.line_of(root, ("name",))
+        errors.append((line, f"name: {persona.name!r} must match the file name {stem!r}"))
     if errors:
-        raise PersonaError([f"{source}:{line}: {message}" for line, message in sorted(errors, key=lambda e: e[0])])
+        errors.sort(key=lambda e: e[0])
+        report = [f"{source}:{line}: {message}" for line, message in errors[:MAX_ERRORS]]
+        if (more := len(errors) + len(invalid[MAX_ERRORS:]) - MAX_ERRORS) > 0:
+            report.append(f"{source}: … and {more:,} more problems")
+        raise PersonaError(report)
     assert persona is not None
     return persona
 
 
 def load_persona(path: Path) -> Persona:
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PersonaError([f"{path}:1: cannot read: {exc}"]) from None
+        text = persona_input.read_text(path, MAX_FILE_BYTES)
+    except persona_input.Refused as exc:
+        raise PersonaError([f"{path}:{exc.line}: {exc.message}"]) from None
     return parse_persona(text, str(path))
 
 
@@ -211,6 +218,10 @@ def _describe(err: Any, loc: tuple[Any, ...]) -> str:
         guess = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
         hint = f"did you mean {guess[0]!r}?" if guess else f"expected one of: {', '.join(known)}"
         return f"unknown key ({hint})"
+    if kind == "string_too_long":
+        return f"too long: {len(err['input']):,} characters (at most {err['ctx']['max_length']:,})"
+    if kind == "too_long":
+        return f"too many: {err['ctx']['actual_length']:,} items (at most {err['ctx']['max_length']:,})"
     if kind == "literal_error":
         return "must be " + err["ctx"]["expected"].replace("'", "")
     if kind == "string_type":
@@ -230,43 +241,6 @@ def _known_keys(parent: tuple[Any, ...]) -> list[str]:
     if len(parent) == 2 and parent[0] == "examples":
         return ["role", "content"]
     return []
-
-
-def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int:
-    """1-based line of the YAML node a validation error points at: the key's line, or its parent's if absent."""
-    if root is None:
-        return 1
-    node, line = root, root.start_mark.line
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
-            if pair is None:
-                break
-            line, node = pair[0].start_mark.line, pair[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line
-        else:
-            break
-    return line + 1
-
-
-def _duplicate_keys(node: yaml.Node | None, path: str = "") -> list[tuple[int, str]]:
-    """PyYAML keeps the last of two equal keys without a word; an admin would rather hear about it."""
-    found: list[tuple[int, str]] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            name = str(key.value)
-            where = f"{path}.{name}" if path else name
-            if name in seen and name != "<<":
-                found.append((key.start_mark.line + 1, f"{where}: duplicate key (only the last one would count)"))
-            seen.add(name)
-            found += _duplicate_keys(value, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            found += _duplicate_keys(item, f"{path}[{index}]")
-    return found
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -303,7 +277,7 @@ def dump_persona(persona: Persona) -> str:
 # ---------------------------------------------------------------------------------------------------- library
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Entry:
     path: Path
     stamp: tuple[int, int, int]
@@ -311,11 +285,28 @@ class _Entry:
     errors: list[str]
 
 
-class PersonaLibrary:
-    """The personas directory, re-checked on every access.
+@dataclasses.dataclass(frozen=True)
+class _Index:
+    """One reload's view of the folder, swapped in whole so a reader never sees half of one."""
 
-    A stat per file is microseconds, so each lookup sees edits, new files and deletions without a watcher
-    thread or a restart; only files whose mtime, size or inode changed are parsed again.
+    entries: dict[Path, _Entry]
+    by_name: dict[str, Persona]
+    conflicts: dict[Path, str]
+
+
+_EMPTY = _Index({}, {}, {})
+# One thread parses for every library: reloads are rare, and one at a time keeps a burst of edits cheap.
+_RELOADER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="personas")
+
+
+class PersonaLibrary:
+    """The personas directory, re-checked at most once every `recheck_seconds`.
+
+    A stat per file is microseconds, so lookups see edits, new files and deletions without a watcher or a
+    restart; only files whose mtime, size or inode changed are parsed again. In the bot, `await refresh()`
+    does this on a worker thread, so parsing never holds up the event loop, and the reads (`get`, `names`,
+    `all`, `errors`) then look at what it found. Where no event loop runs (the CLI), the reads refresh
+    by themselves.
     """
 
     def __init__(self, directory: Path, *, recheck_seconds: float = 1.0):
@@ -323,31 +314,40 @@ class PersonaLibrary:
         # Every message looks its persona up; statting the folder at most this often keeps that free.
         self.recheck_seconds = recheck_seconds
         self._checked_at = -math.inf
-        self._entries: dict[Path, _Entry] = {}
-        self._by_name: dict[str, Persona] = {}
-        self._conflicts: dict[Path, str] = {}
+        self._index: _Index | None = None  # None until the first reload
+        self._reloading: concurrent.futures.Future[None] | None = None
+        self._lock = threading.Lock()  # one reload of this library at a time, on whichever thread
+
+    async def refresh(self) -> None:
+        """Reload on the worker thread if it is time to; lookups meanwhile read the previous index."""
+        if self._index is not None and not self._due():
+            return
+        if self._reloading is None or self._reloading.done():
+            self._checked_at = time.monotonic()
+            self._reloading = _RELOADER.submit(self._reload)
+        # Until the first index exists every caller waits for it; shielded, so one cancelled lookup
+        # does not cancel the reload the others wait on.
+        await asyncio.shield(asyncio.wrap_future(self._reloading))
 
     def get(self, name: str) -> Persona:
-        self._refresh()
         try:
-            return self._by_name[name]
+            return self._current().by_name[name]
         except KeyError:
-            raise UnknownPersona(name, sorted(self._by_name)) from None
+            raise UnknownPersona(name, self.names()) from None
 
     def names(self) -> list[str]:
-        self._refresh()
-        return sorted(self._by_name)
+        return sorted(self._current().by_name)
 
     def all(self) -> list[Persona]:
-        self._refresh()
-        return [self._by_name[name] for name in sorted(self._by_name)]
+        by_name = self._current().by_name
+        return [by_name[name] for name in sorted(by_name)]
 
     @property
     def errors(self) -> dict[Path, list[str]]:
         """Files that currently fail to validate (some may still be serving their last good version)."""
-        self._refresh()
-        found = {path: list(entry.errors) for path, entry in self._entries.items() if entry.errors}
-        for path, message in self._conflicts.items():
+        index = self._current()
+        found = {path: list(entry.errors) for path, entry in index.entries.items() if entry.errors}
+        for path, message in index.conflicts.items():
             found.setdefault(path, []).append(message)
         return found
 
@@ -368,62 +368,92 @@ class PersonaLibrary:
             Path(tmp).unlink(missing_ok=True)
             raise
         log.info("saved persona %s to %s", persona.name, path)
-        self._refresh(force=True)
+        self._reload()
         return path
 
     def _path_for(self, name: str) -> Path:
-        self._refresh(force=True)
-        for path, entry in self._entries.items():
+        self._reload()
+        for path, entry in (self._index or _EMPTY).entries.items():
             if entry.persona is not None and entry.persona.name == name:
                 return path
         return self.directory / f"{name}.yaml"
 
-    def _refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._checked_at < self.recheck_seconds:
-            return
-        self._checked_at = now
-        current: dict[Path, tuple[int, int, int]] = {}
+    def _due(self) -> bool:
+        return time.monotonic() - self._checked_at >= self.recheck_seconds
+
+    def _current(self) -> _Index:
+        """The index to read. Where an event loop runs only `refresh()` reloads, since a parse here would stall
+        the loop; the exception is the first load, which a read cannot do without."""
+        if self._index is None or (self._due() and not _in_event_loop()):
+            self._checked_at = time.monotonic()
+            self._reload()
+        return self._index or _EMPTY
+
+    def _reload(self) -> None:
+        """Stat the folder, parse the files that changed, and swap in the new index."""
+        with self._lock:
+            old = self._index or _EMPTY
+            entries: dict[Path, _Entry] = {}
+            for path, stamp in self._stamps().items():
+                entry = old.entries.get(path)
+                entries[path] = entry if entry is not None and entry.stamp == stamp else _load_entry(path, stamp, entry)
+            for path in old.entries.keys() - entries.keys():
+                log.info("persona file %s removed", path)
+            self._index = _indexed(entries, old.conflicts)
+
+    def _stamps(self) -> dict[Path, tuple[int, int, int]]:
+        found: dict[Path, tuple[int, int, int]] = {}
         try:
             with os.scandir(self.directory) as it:
                 for item in it:
                     if item.name.endswith(SUFFIXES) and not item.name.startswith(".") and item.is_file():
-                        st = item.stat()
-                        current[Path(item.path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
+                        try:
+                            st = item.stat()
+                        except OSError:  # deleted since the listing
+                            continue
+                        found[Path(item.path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             pass
-        changed = current.keys() ^ self._entries.keys()
-        for path, stamp in current.items():
-            entry = self._entries.get(path)
-            if entry is not None and entry.stamp == stamp:
-                continue
-            changed.add(path)
-            try:
-                persona, errors = load_persona(path), []
-            except PersonaError as exc:
-                persona, errors = (entry.persona if entry else None), exc.errors
-                kept = f"; still serving the last good version of {persona.name!r}" if persona else ""
-                log.error("persona file %s is invalid%s:\n%s", path, kept, "\n".join(errors))
-            self._entries[path] = _Entry(path, stamp, persona, errors)
-        for path in self._entries.keys() - current.keys():
-            log.info("persona file %s removed", path)
-            del self._entries[path]
-        if changed:
-            self._reindex()
+        return found
 
-    def _reindex(self) -> None:
-        by_name: dict[str, Persona] = {}
-        owner: dict[str, Path] = {}
-        conflicts: dict[Path, str] = {}
-        for path in sorted(self._entries):
-            persona = self._entries[path].persona
-            if persona is None:
-                continue
-            if persona.name in by_name:
-                conflicts[path] = f"{path}:1: persona {persona.name!r} is already defined in {owner[persona.name]}; " \
-                                  "this file is ignored"
-                if conflicts[path] != self._conflicts.get(path):
-                    log.error(conflicts[path])
-                continue
-            by_name[persona.name], owner[persona.name] = persona, path
-        self._by_name, self._conflicts = by_name, conflicts
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _load_entry(path: Path, stamp: tuple[int, int, int], previous: _Entry | None) -> _Entry:
+    """Parse one file; whatever is wrong with it costs this entry only, and its last good version stays."""
+    try:
+        return _Entry(path, stamp, load_persona(path), [])
+    except PersonaError as exc:
+        errors = exc.errors
+    except Exception as exc:  # a parser bug must not take every other persona down with this file
+        log.exception("persona file %s could not be loaded", path)
+        errors = [f"{path}:1: cannot load: {type(exc).__name__}: {exc}"]
+    persona = previous.persona if previous else None
+    kept = f"; still serving the last good version of {persona.name!r}" if persona else ""
+    log.error("persona file %s is invalid%s:\n%s", path, kept, "\n".join(errors))
+    return _Entry(path, stamp, persona, errors)
+
+
+def _indexed(entries: dict[Path, _Entry], logged: dict[Path, str]) -> _Index:
+    """Personas by name; a second file claiming a name is ignored and reported (once; `logged` were before)."""
+    by_name: dict[str, Persona] = {}
+    owner: dict[str, Path] = {}
+    conflicts: dict[Path, str] = {}
+    for path in sorted(entries):
+        persona = entries[path].persona
+        if persona is None:
+            continue
+        if persona.name in by_name:
+            conflicts[path] = f"{path}:1: persona {persona.name!r} is already defined in {owner[persona.name]}; " \
+                              "this file is ignored"
+            if conflicts[path] != logged.get(path):
+                log.error(conflicts[path])
+            continue
+        by_name[persona.name], owner[persona.name] = persona, path
+    return _Index(entries, by_name, conflicts)

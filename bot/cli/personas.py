@@ -103,7 +103,7 @@ def check(
     target = path or settings.personas_dir
     if target.is_dir():
         files = sorted(p for p in target.iterdir() if p.suffix in SUFFIXES and not p.name.startswith("."))
-    elif target.is_file():
+    elif target.exists():  # a FIFO or a device too, so that it is reported rather than "no such file"
         files = [target]
     else:
         typer.echo(f"error: {target}: no such file or directory", err=True)
@@ -148,5 +148,12 @@ def import_card(
         typer.echo(f"error: persona {persona.name!r} already exists; pass --force to overwrite it "
                    "or --name to import under another name", err=True)
         raise typer.Exit(1)
-    path = library.save(persona)
+    try:
+        path = library.save(persona)
+    except PersonaError as exc:
+        typer.echo("\n".join(exc.errors), err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        typer.echo(f"error: cannot write {persona.name}.yaml: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"wrote {path} ({len(persona.examples) // 2} example exchanges)")
