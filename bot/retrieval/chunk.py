@@ -4,6 +4,10 @@ A sentence-transformers model silently truncates input past `max_seq_length` wor
 so a chunk that is too long is embedded as if its tail did not exist. Chunks are packed from whole
 paragraphs under one heading, long paragraphs are split at lines, then sentences, then token windows, and
 every chunk is measured once more at the end so none can exceed the limit.
+
+A document is refused past MAX_CHUNKS chunks: embedding that many takes minutes on a CPU (about 8 on two
+cores), and a file that big is better split. Counting goes through the tokenizer in slices, so the memory a
+long file costs is its counts, not a million encodings at once.
 """
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ import re
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from bot.retrieval.parse import Block, Document
+from bot.retrieval.parse import Block, Document, UnsupportedDocument
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 # Bump whenever the same file would be cut differently, so existing indexes re-chunk on the next sync.
 VERSION = 3
+MAX_CHUNKS = 5_000  # per document
+_COUNT_SLICE = 4096  # texts per tokenizer call
 
 
 class Tokenizer(Protocol):
@@ -39,7 +45,7 @@ class Chunk:
         return hashlib.sha256(self.embed_text.encode()).hexdigest()
 
 
-@dataclass
+@dataclass(slots=True)  # a file of short lines makes millions of these
 class _Piece:
     text: str
     tokens: int
@@ -76,7 +82,14 @@ class Chunker:
         return [(len(ids), offsets) for ids, offsets in zip(out["input_ids"], out["offset_mapping"])]
 
     def count(self, texts: list[str]) -> list[int]:
-        return [n for n, _ in self._encode(texts)] if texts else []
+        counts: list[int] = []
+        for first in range(0, len(texts), _COUNT_SLICE):
+            part = texts[first : first + _COUNT_SLICE]
+            if self._backend is not None:  # lengths alone: building every offset list doubled the time
+                counts.extend(map(len, self._backend.encode_batch(part, add_special_tokens=False)))
+            else:
+                counts.extend(n for n, _ in self._encode(part))
+        return counts
 
     def split(self, doc: Document) -> list[Chunk]:
         sections: list[tuple[str, list[Block]]] = []
@@ -103,7 +116,8 @@ class Chunker:
                     pieces.extend(self._split_long(block, budget, doc.unit == "line"))
             for text, start, end in self._pack(pieces, budget):
                 chunks.append(Chunk(text, header, doc.locator(section, start, end), 0))
-        return self._measured(chunks)
+            _check_count(chunks)
+        return _check_count(self._measured(chunks))
 
     def _pack(self, pieces: list[_Piece], budget: int) -> list[tuple[str, int, int]]:
         out: list[tuple[str, int, int]] = []
@@ -214,3 +228,10 @@ class Chunker:
                 piece = Chunk(window, chunk.header, chunk.locator, 0)
                 out.append(Chunk(window, chunk.header, chunk.locator, self.count([piece.embed_text])[0]))
         return out
+
+
+def _check_count(chunks: list[Chunk]) -> list[Chunk]:
+    if len(chunks) > MAX_CHUNKS:
+        raise UnsupportedDocument(f"it makes more than {MAX_CHUNKS:,} chunks, the limit per document; "
+                                  "split it into smaller files.")
+    return chunks

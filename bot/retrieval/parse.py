@@ -1,12 +1,20 @@
 """Documents to blocks: the paragraphs of a file, each tagged with where it sits (heading path, page or lines).
 
 Parsing works on bytes so an upload is checked and parsed in memory before anything is written to disk.
+
+Every document is hostile until parsed: whatever goes wrong inside a parser becomes UnsupportedDocument, so a
+bad file costs its own entry and never a whole sync. The work one document may cost is bounded: a file read
+by sync is at most MAX_FILE_BYTES, its text at most MAX_TEXT_CHARS (a 750-page book; a million-row CSV is
+many times that), a PDF at most MAX_PDF_PAGES pages read within PDF_SECONDS, on top of pypdf's own limits
+(pypdf.Configuration: 75 MB per decoded stream, 2 million tokens per content stream), and JSON as deep as
+Python's parser goes (about 1,000 levels). chunk.MAX_CHUNKS caps what is left to embed.
 """
 from __future__ import annotations
 
 import io
 import json
 import re
+import time
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import PurePath
@@ -20,6 +28,10 @@ FORMATS = {
     ".csv": "csv",
 }
 SUPPORTED = ", ".join(sorted(FORMATS))
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_TEXT_CHARS = 2_000_000
+MAX_PDF_PAGES = 2_000
+PDF_SECONDS = 120.0
 
 
 class UnsupportedDocument(ValueError):
@@ -67,22 +79,41 @@ def decode_text(name: str, data: bytes) -> str:
 
 
 def parse(name: str, data: bytes) -> Document:
-    """Raises UnsupportedDocument for unknown types, undecodable text, broken JSON or PDFs without text."""
+    """Raises UnsupportedDocument, and only that: for unknown types, undecodable or oversized text, broken
+    JSON, unreadable PDFs, and any failure of a parser on input it was never meant to see."""
+    try:
+        return _parse(name, data)
+    except UnsupportedDocument:
+        raise
+    except Exception as exc:  # a parser's bug on a hostile file must cost that file, not the sync
+        raise UnsupportedDocument(f"{name}: cannot be read ({type(exc).__name__}: {exc}).") from None
+
+
+def _parse(name: str, data: bytes) -> Document:
     kind = format_of(name)
     title = PurePath(name).stem
     if kind == "pdf":
         return _parse_pdf(name, title, data)
     text = decode_text(name, data).replace("\r\n", "\n").replace("\r", "\n")
+    _check_length(name, len(text))
     if kind == "json":
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
             raise UnsupportedDocument(f"{name}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+        except RecursionError:
+            raise UnsupportedDocument(f"{name}: the JSON is nested too deeply (about 1,000 levels at most).") from None
     if kind == "markdown":
         return Document(title, "line", _markdown_blocks(text))
     if kind == "html":
         return _parse_html(title, text)
     return Document(title, "line", _paragraphs(text.split("\n"), 1, ""))
+
+
+def _check_length(name: str, chars: int) -> None:
+    if chars > MAX_TEXT_CHARS:
+        raise UnsupportedDocument(f"{name}: has more than {MAX_TEXT_CHARS:,} characters of text, the limit per "
+                                  "document; split it into smaller files.")
 
 
 def _paragraphs(lines: list[str], first_line: int, section: str) -> list[Block]:
@@ -100,7 +131,7 @@ def _paragraphs(lines: list[str], first_line: int, section: str) -> list[Block]:
     return blocks
 
 
-_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*)$")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 
@@ -149,7 +180,7 @@ def _markdown_blocks(text: str) -> list[Block]:
             continue
         if match := _ATX.match(line):
             flush(lineno - 1)
-            open_heading(len(match.group(1)), match.group(2))
+            open_heading(len(match.group(1)), _atx_title(match.group(2)))
             continue
         if (len(current) == 1 and _SETEXT.match(line) and current[0].strip()
                 and not current[0].lstrip().startswith(("-", "*", "+", ">"))):
@@ -167,19 +198,38 @@ def _markdown_blocks(text: str) -> list[Block]:
     return blocks
 
 
+def _atx_title(rest: str) -> str:
+    """The heading text without its optional closing run of #s. Done by hand: as one regex (lazy title, then
+    optional closing sequence) a long line of spaces and #s backtracked for minutes."""
+    stripped = rest.rstrip(" \t")
+    head = stripped.rstrip("#")
+    return head if head.endswith((" ", "\t")) else stripped
+
+
 def _parse_pdf(name: str, title: str, data: bytes) -> Document:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import DependencyError
 
     try:
         reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
-            raise UnsupportedDocument(f"{name}: the PDF is encrypted; upload an unlocked copy.")
-        pages = [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError, OSError) as exc:
-        if isinstance(exc, UnsupportedDocument):
-            raise
-        raise UnsupportedDocument(f"{name}: cannot read the PDF ({exc}).") from None
+    except (NotImplementedError, DependencyError) as exc:  # pypdf knows the Standard security handler alone
+        raise UnsupportedDocument(f"{name}: the PDF is encrypted in a way that cannot be read ({exc}); "
+                                  "upload an unlocked copy.") from None
+    if reader.is_encrypted:
+        raise UnsupportedDocument(f"{name}: the PDF is encrypted; upload an unlocked copy.")
+    if len(reader.pages) > MAX_PDF_PAGES:
+        raise UnsupportedDocument(f"{name}: the PDF has {len(reader.pages):,} pages; the limit is {MAX_PDF_PAGES:,}.")
+    # pypdf bounds each stream, not the document: pages sharing one costly content stream cost it each time.
+    deadline = time.monotonic() + PDF_SECONDS
+    pages: list[str] = []
+    chars = 0
+    for number, page in enumerate(reader.pages, 1):
+        if time.monotonic() > deadline:
+            raise UnsupportedDocument(f"{name}: reading the PDF took over {PDF_SECONDS:g} s (stopped at page "
+                                      f"{number} of {len(reader.pages)}).")
+        pages.append(page.extract_text() or "")
+        chars += len(pages[-1])
+        _check_length(name, chars)
     meta_title = (reader.metadata or {}).get("/Title") if reader.metadata else None
     blocks = [
         Block(re.sub(r"[ \t]+\n", "\n", text).strip(), "", page, page)
@@ -260,7 +310,13 @@ class _HTMLBlocks(HTMLParser):
 
 
 def _parse_html(title: str, text: str) -> Document:
+    """One feed, then whatever markup is left unterminated at the end is dropped, as HTML5 drops a tag cut off
+    by the end of the file. Python before 3.12.11/3.13.4 (gh-135462) instead retries every unterminated `<`
+    against the rest of the file on close(), which is quadratic: 80 KB of `<a` took 2 s, 4 MB would take hours.
+    Text left waiting (a possible `&…` at the end) does not start with `<` and is kept."""
     parser = _HTMLBlocks()
     parser.feed(text)
+    if parser.rawdata.startswith("<"):
+        parser.rawdata = ""
     parser.close()
     return Document(" ".join(parser.title.split()) or title, "paragraph", parser.blocks)

@@ -9,6 +9,7 @@ nothing that workspace cannot see. All blocking work runs in threads, off the ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -26,10 +27,11 @@ from bot.retrieval import search as ranking
 from bot.retrieval.chunk import Chunk, Chunker
 from bot.retrieval.embed import Embedder
 from bot.retrieval.folders import Scope, plain, visible
-from bot.retrieval.parse import UnsupportedDocument, parse
+from bot.retrieval.parse import MAX_FILE_BYTES, UnsupportedDocument, parse
 from bot.retrieval.search import Grounding, Hit
 from bot.retrieval.store import FileEntry, FileRow, Store
-from bot.retrieval.uploads import DEFAULT_MAX_BYTES, UploadRefused, check, check_size, safe_collection, safe_filename
+from bot.retrieval.uploads import (DEFAULT_MAX_BYTES, UploadRefused, check, check_same_name, check_size,
+                                   safe_collection, safe_filename)
 from bot.retrieval.vectors import Indexes
 
 T = TypeVar("T")
@@ -80,6 +82,9 @@ class Retriever:
         self._chunker: Chunker | None = None
         self.indexes = Indexes(index_dir / "faiss", self.store, lambda: self.embedder.dim)
         self._sync_lock = asyncio.Lock()
+        # source: (size, mtime_ns, reason) of files that could not be indexed, so that a file left in the folder
+        # is not parsed again, up to its limits, by every later sync until it changes
+        self._refused: dict[str, tuple[int, int, str]] = {}
         self._config = f"{embedder.name}|{CHUNK_TOKENS}|{OVERLAP_TOKENS}|{chunking.VERSION}"
 
     @classmethod
@@ -220,6 +225,11 @@ class Retriever:
             self.indexes.clear()
             self.store.set_meta("dim", str(self.embedder.dim))
         manifest = self.store.files()
+
+        def refuse(source: str, size: int, mtime_ns: int, reason: str) -> None:
+            self._refused[source] = (size, mtime_ns, reason)
+            report.skipped.append((source, reason))
+
         on_disk: dict[str, tuple[str, Path]] = {}
         for scope in folders.scopes(self.knowledge_dir, self.workspaces_dir):
             on_disk.update(folders.scan(scope, report.skipped))
@@ -231,8 +241,16 @@ class Retriever:
                 if fresh and known and known.size == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
                     report.unchanged += 1
                     continue
+                refused = self._refused.get(source)
+                if refused and refused[:2] == (stat.st_size, stat.st_mtime_ns):
+                    report.skipped.append((source, refused[2]))
+                    continue
+                if stat.st_size > MAX_FILE_BYTES:
+                    refuse(source, stat.st_size, stat.st_mtime_ns, f"{stat.st_size / 2**20:.0f} MB; a document may "
+                                                                   f"have at most {MAX_FILE_BYTES // 2**20} MB")
+                    continue
                 data = path.read_bytes()
-            except OSError as exc:  # vanished or unreadable mid-scan: the next sync sees the truth
+            except OSError as exc:  # vanished or unreadable mid-scan
                 report.skipped.append((source, str(exc)))
                 continue
             digest = hashlib.sha256(data).hexdigest()
@@ -251,7 +269,10 @@ class Retriever:
             try:
                 parsed.append((entry, self._chunker_for().split(parse(plain(entry.source), data)), existed))
             except UnsupportedDocument as exc:
-                report.skipped.append((entry.source, str(exc)))
+                refuse(entry.source, entry.size, entry.mtime_ns, str(exc))
+            except Exception as exc:  # a chunking bug on a hostile file costs that file, never the sync
+                log.exception("cannot chunk %s", entry.source)
+                refuse(entry.source, entry.size, entry.mtime_ns, f"cannot be chunked ({type(exc).__name__}: {exc})")
         total = sum(len(chunks) for _, chunks, _ in parsed)
         with tqdm(total=total, unit="chunk", desc="indexing", disable=not (self.progress and total > 1)) as bar:
             group: list[tuple[FileEntry, list[Chunk], bool]] = []
@@ -260,11 +281,13 @@ class Retriever:
                 if sum(len(chunks) for _, chunks, _ in group) >= CHUNKS_PER_COMMIT or item is parsed[-1]:
                     touched.update(self._ingest(group, report, bar))
                     group = []
-        for source in {entry.source for entry, _, _ in work} - set(report.added) - set(report.updated):
-            if source in manifest:  # it no longer parses: its old chunks would be stale
-                self.store.remove(source)
-                report.removed.append(source)
-                touched.add(manifest[source].collection)
+        failed = {source for source, _ in report.skipped if source in on_disk}
+        for source in failed & manifest.keys():  # it no longer indexes: its old chunks would be stale
+            self.store.remove(source)
+            report.removed.append(source)
+            touched.add(manifest[source].collection)
+        self._refused = {source: refusal for source, refusal in self._refused.items() if source in failed}
+        self.store.forget_given_names(set(on_disk))
         for collection in touched:
             self.indexes.reconcile(collection)
         self.store.set_meta("config", self._config)
@@ -307,12 +330,16 @@ class Retriever:
         collection = safe_collection(collection)
         scope = self._scope(workspace)
         name = await asyncio.to_thread(check, filename, data, self.max_upload_bytes if limit else None)
-        return await self._exclusive(self._add_upload, name, data, collection, scope)
+        return await self._exclusive(self._add_upload, filename, name, data, collection, scope)
 
     def _visible_files(self, workspace: Workspace | None) -> list[FileEntry]:
         return [f for f in self.store.files().values() if visible(f.source, workspace)]
 
-    def _add_upload(self, name: str, data: bytes, collection: str, scope: Scope) -> str:
+    def _given_name(self, scope: Scope, source: str) -> str:
+        """What the document at `source` was called when added; a file put in the folder by hand, its own name."""
+        return self.store.given_name(scope.qualify(source)) or source.rsplit("/", 1)[-1]
+
+    def _add_upload(self, given: str, name: str, data: bytes, collection: str, scope: Scope) -> str:
         digest = hashlib.sha256(data).hexdigest()
         source = f"{collection}/{name}"
         self._sync()
@@ -320,8 +347,11 @@ class Retriever:
         if same:
             raise UploadRefused(f"That file is already in the knowledge base as {same[0]}. Nothing was saved.")
         target = scope.inside(source)
+        if target.exists():
+            check_same_name(given, source, self._given_name(scope, source))
         kept = folders.trash(scope.root, source) if target.exists() else None
         folders.write_atomically(target, data)
+        self.store.set_given_name(scope.qualify(source), given)
         try:
             report = self._sync()
         except BaseException:
@@ -350,22 +380,26 @@ class Retriever:
         hashes = {f.sha256: plain(f.source) for f in self._visible_files(scope.workspace)}
         for path in folders.expand(paths):
             try:
+                check_size(path.name, path.stat().st_size, MAX_FILE_BYTES)
                 data = path.read_bytes()
                 name = check(path.name, data, None)
+                digest = hashlib.sha256(data).hexdigest()
+                if digest in hashes:
+                    notes.append(f"skipped {path}: already in the knowledge base as {hashes[digest]}")
+                    continue
+                source = f"{collection}/{name}"
+                target = scope.inside(source)
+                if path.resolve() != target and target.exists():
+                    check_same_name(path.name, source, self._given_name(scope, source))
             except (UploadRefused, OSError) as exc:
                 notes.append(f"refused {path}: {exc}")
                 continue
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in hashes:
-                notes.append(f"skipped {path}: already in the knowledge base as {hashes[digest]}")
-                continue
-            source = f"{collection}/{name}"
-            target = scope.inside(source)
             if path.resolve() != target:
                 if target.exists():
                     notes.append(f"replaced {source}; the previous version is kept as "
                                  f"{folders.trash(scope.root, source)}")
                 folders.write_atomically(target, data)
+                self.store.set_given_name(scope.qualify(source), path.name)
             hashes[digest] = source
         return notes, self._sync()
 
@@ -401,9 +435,12 @@ class Retriever:
 
 
 def _undo(scope: Scope, source: str, kept: str | None) -> None:
-    """Puts the folder back as it was before a failed upload: the new file gone, the one it replaced restored."""
+    """Puts the folder back as it was before a failed upload: the new file gone, the one it replaced restored,
+    and a collection folder left empty removed, so that no collection appears with nothing in it."""
     target = scope.root / source
     if kept:
         (scope.root / kept).replace(target)
     else:
         target.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: the collection has other documents
+            target.parent.rmdir()

@@ -4,6 +4,9 @@ with an FTS5 table over the chunks for BM25.
 The FAISS indexes are derived from the vectors stored here, so a damaged or missing FAISS file is rebuilt
 without embedding anything again. `sqlite3 data/knowledge/index.sqlite3` shows plain tables. Sources and
 collections are stored qualified (folders.py): a workspace's carry its "@platform:id/" prefix, global ones none.
+
+Searches and listings read through a connection of their own: with WAL they see the last committed state
+while a sync writes a large document, instead of waiting for its transaction to end.
 """
 from __future__ import annotations
 
@@ -55,6 +58,10 @@ END;
 CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, header, text) VALUES ('delete', old.id, old.header, old.text);
 END;
+CREATE TABLE IF NOT EXISTS given_names (    -- what an uploader called a file saved under its safe name
+    source TEXT PRIMARY KEY,
+    given TEXT NOT NULL
+);
 """
 _WORD = re.compile(r"[^\W_](?:[\w.\-/:]*[^\W_])?", re.UNICODE)
 
@@ -91,11 +98,22 @@ class StoredChunk:
 
 
 def _locked(method):
-    """One connection serves the sync thread and search threads; SQLite transactions are per connection."""
+    """The write connection serves one index job at a time (sync, upload, removal), whose transactions are its own."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _reading(method):
+    """Search threads share the read connection, one query at a time."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.read_lock:
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -110,10 +128,13 @@ class Store:
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
+        self.reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.read_lock = threading.Lock()
 
-    @_locked
     def close(self) -> None:
-        self.db.close()
+        with self.lock, self.read_lock:
+            self.reader.close()
+            self.db.close()
 
     @_locked
     def get_meta(self, key: str) -> str | None:
@@ -181,6 +202,21 @@ class Store:
             raise
 
     @_locked
+    def given_name(self, source: str) -> str | None:
+        row = self.db.execute("SELECT given FROM given_names WHERE source = ?", (source,)).fetchone()
+        return row[0] if row else None
+
+    @_locked
+    def set_given_name(self, source: str, given: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO given_names(source, given) VALUES (?, ?)", (source, given))
+
+    @_locked
+    def forget_given_names(self, keep: set[str]) -> None:
+        """Names of files no longer in the folders go; a file that stays keeps its name while it fails to index."""
+        gone = [(source,) for (source,) in self.db.execute("SELECT source FROM given_names") if source not in keep]
+        self.db.executemany("DELETE FROM given_names WHERE source = ?", gone)
+
+    @_locked
     def ids(self, collection: str) -> np.ndarray:
         rows = self.db.execute("SELECT id FROM chunks WHERE collection = ?", (collection,)).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -196,16 +232,16 @@ class Store:
                 out[position[chunk_id]] = np.frombuffer(blob, dtype=np.float32)
         return out
 
-    @_locked
+    @_reading
     def collections(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT collection FROM files ORDER BY collection")]
+        return [r[0] for r in self.reader.execute("SELECT DISTINCT collection FROM files ORDER BY collection")]
 
-    @_locked
+    @_reading
     def chunks(self, ids: list[int]) -> dict[int, StoredChunk]:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = self.db.execute(
+        rows = self.reader.execute(
             f"SELECT id, source, collection, locator, text, tokens, vector FROM chunks WHERE id IN ({marks})", ids
         )
         return {
@@ -213,7 +249,7 @@ class Store:
             for r in rows
         }
 
-    @_locked
+    @_reading
     def lexical(self, query: str, collections: list[str] | None, limit: int, *, every: bool = False) -> list[int]:
         """BM25 over FTS5, best first. Every word of the query is a quoted term, OR-ed with the rest (AND-ed
         with `every`), so punctuation in identifiers (PB-7731, ERR_TIMEOUT) makes a phrase, not FTS5 syntax."""
@@ -227,18 +263,18 @@ class Store:
             sql += f" AND c.collection IN ({','.join('?' * len(collections))})"
             params += collections
         sql += " ORDER BY bm25(chunks_fts, 0.5, 1.0) LIMIT ?"
-        return [r[0] for r in self.db.execute(sql, [*params, limit])]
+        return [r[0] for r in self.reader.execute(sql, [*params, limit])]
 
-    @_locked
+    @_reading
     def stats(self) -> list[tuple[str, int, int, int]]:
         """(collection, files, chunks, bytes) for `knowledge list`."""
-        return self.db.execute(
+        return self.reader.execute(
             "SELECT collection, COUNT(*), SUM(chunks), SUM(size) FROM files GROUP BY collection ORDER BY collection"
         ).fetchall()
 
-    @_locked
+    @_reading
     def file_rows(self, collections: list[str]) -> list[tuple[str, int, int, str]]:
         """(source, chunks, size, indexed_at) of the files in these (qualified) collections."""
         marks = ",".join("?" * len(collections))
         sql = f"SELECT source, chunks, size, indexed_at FROM files WHERE collection IN ({marks}) ORDER BY source"
-        return self.db.execute(sql, collections).fetchall()
+        return self.reader.execute(sql, collections).fetchall()

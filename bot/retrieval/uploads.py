@@ -1,4 +1,5 @@
-"""Checks on a file before it may enter the knowledge folder: name, collection, size and real content type.
+"""Checks on a file before it may enter the knowledge folder: name, collection, size, real content type, and
+that its name would not replace a document of another name.
 
 Everything is decided from the bytes in memory; nothing touches the disk until every check has passed.
 """
@@ -44,6 +45,16 @@ def safe_filename(filename: str) -> str:
     if not clean:
         raise UploadRefused(f"File name {filename!r} has no usable characters. Nothing was saved.")
     return clean + suffix
+
+
+def check_same_name(given: str, source: str, existing: str) -> None:
+    """A document may be replaced only by a file of the name it was given (`existing`): `x.MD`, a full-width
+    `ｘ.md` and `x\r.md` all become x.md, and none of them may silently take the place of another x.md."""
+    if given != existing:
+        raise UploadRefused(
+            f"{given!r} would be saved as {source}, which already holds a different document (given as "
+            f"{existing!r}). Rename the file to add it beside that one, or name it {existing!r} to replace it. "
+            "Nothing was saved.")
 
 
 def check_size(name: str, size: int, max_bytes: int | None) -> None:

@@ -6,6 +6,9 @@ exactly (IndexFlatIP): scanning 25k × 384 floats takes about as long as encodin
 scan grows linearly while HNSW stays near-constant (bench/retrieval.py prints both at 10k and 100k).
 HNSW cannot delete, so removed ids are tombstoned and filtered, and the index is rebuilt once a tenth of it
 is dead.
+
+An index being searched is never changed: reconciling works on a copy (or a new build, which for HNSW takes
+seconds) and swaps it in, so a search during a sync never waits for one to be built.
 """
 from __future__ import annotations
 
@@ -57,6 +60,12 @@ class VectorIndex:
         if self.hnsw:
             inner.hnsw.efSearch = HNSW_EF_SEARCH
         return self
+
+    def copy(self) -> "VectorIndex":
+        clone = VectorIndex.__new__(VectorIndex)
+        clone.dim, clone.hnsw, clone.dead = self.dim, self.hnsw, set(self.dead)
+        clone.index = faiss.clone_index(self.index)
+        return clone
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +119,7 @@ class Indexes:
         self.store = store
         self.model_dim = model_dim  # asked only for a store that has no vectors yet: it loads the model
         self.by_collection: dict[str, VectorIndex] = {}
-        self.lock = threading.Lock()  # FAISS indexes are not safe to search while they change
+        self.lock = threading.Lock()  # held to search and to swap; never while an index is built or changed
 
     def names(self) -> list[str]:
         with self.lock:  # a sync thread may be adding or dropping collections
@@ -119,7 +128,7 @@ class Indexes:
     def search(self, collections: list[str], query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(id, cosine) best first across the collections."""
         hits: list[tuple[int, float]] = []
-        with self.lock:
+        with self.lock:  # searches one at a time: an HNSW search sets efSearch on its index
             for index in filter(None, map(self.by_collection.get, collections)):
                 hits.extend(index.search(query, k))
         return sorted(hits, key=lambda pair: -pair[1])[:k]
@@ -137,21 +146,27 @@ class Indexes:
         return self.directory / index_file(collection)
 
     def reconcile(self, collection: str) -> None:
-        with self.lock:
-            self._reconcile(collection)
-
-    def _reconcile(self, collection: str) -> None:
         """Brings a collection's FAISS index to exactly the store's chunks: loads it, adds what is missing,
-        drops what is gone, and rebuilds it when the file is damaged or the index kind no longer fits."""
+        drops what is gone, and rebuilds it when the file is damaged or the index kind no longer fits. One
+        thread at a time (the sync's, or opening's): searches go on meanwhile, on the index as it was."""
+        with self.lock:
+            current = self.by_collection.get(collection)
+        index = self._reconciled(collection, current)
+        with self.lock:
+            if index is None:
+                self.by_collection.pop(collection, None)
+            else:
+                self.by_collection[collection] = index
+
+    def _reconciled(self, collection: str, current: VectorIndex | None) -> VectorIndex | None:
         ids = self.store.ids(collection)
         path = self.path(collection)
         if not len(ids):
-            self.by_collection.pop(collection, None)
             path.unlink(missing_ok=True)
-            return
+            return None
         dim = int(self.store.get_meta("dim") or 0) or self.model_dim()
         self.store.set_meta("dim", str(dim))
-        index = self.by_collection.get(collection)
+        index = current
         if index is None and path.exists():
             try:
                 index = VectorIndex.load(path, dim)
@@ -163,15 +178,17 @@ class Indexes:
             live = np.setdiff1d(present, np.fromiter(index.dead, np.int64, len(index.dead)))
             extra = np.setdiff1d(live, ids)
             missing = np.setdiff1d(ids, present)
+            changed = bool(len(extra) or len(missing))
+            if changed and index is current:
+                index = index.copy()
             index.remove(extra)
             index.add(missing, self.store.vectors(missing, dim))
-            changed = bool(len(extra) or len(missing))
             if not index.fits():
                 index = None
         if index is None:
             index = VectorIndex.for_size(dim, len(ids))
             index.add(ids, self.store.vectors(ids, dim))
             changed = True
-        self.by_collection[collection] = index
         if changed or not path.exists():
             index.save(path)
+        return index
