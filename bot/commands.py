@@ -282,6 +282,7 @@ def persona_form(name: str, persona: Persona | None) -> Form:
     extra = ""
     if persona is not None:
         rest = {key: value for key, value in (
+            ("avatar", persona.avatar),
             ("examples", [dict(turn) for turn in persona.examples]),
             ("model", persona.model.model_dump(exclude_none=True)),
             ("knowledge", list(persona.knowledge)),
@@ -292,8 +293,9 @@ def persona_form(name: str, persona: Persona | None) -> Form:
         FormField("description", "Description", persona.description if persona else "", max_length=300),
         FormField("system", "System prompt", persona.system if persona else "", multiline=True, required=True,
                   placeholder="You are … Speak in … Never …"),
-        FormField("extra", "Examples, model, knowledge (YAML, optional)", extra, multiline=True,
-                  placeholder="model: {temperature: 0.9}\nknowledge: [handbook]"),
+        # The avatar rides in the free YAML: Discord's modals hold five fields, and this keeps one spare.
+        FormField("extra", "Avatar, examples, model, knowledge (YAML)", extra, multiline=True,
+                  placeholder="avatar: https://example.com/face.png\nmodel: {temperature: 0.9}\nknowledge: [handbook]"),
     ]
     title = f"{'Edit' if persona else 'New'} persona: {name}"
     return Form("persona", title, fields, {"name": name, "creating": persona is None})

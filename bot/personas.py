@@ -38,6 +38,13 @@ SUFFIXES = (".yaml", ".yml")
 MAX_FILE_BYTES = 256 * 1024  # the shipped personas are 1-3 KB
 MAX_SYSTEM_CHARS = 32_000  # about 8k tokens; a longer prompt leaves most models no room to converse
 MAX_ERRORS = 20  # reported per file, the rest only counted: finding each one's line scans its mapping
+# An avatar is an https image URL, a Slack emoji (`:robot_face:`), or an image file beside the persona files,
+# named without any folder so `GET /avatars/NAME` can never reach outside personas/.
+AVATAR_FILE = re.compile(r"[A-Za-z0-9_-]+\.(png|jpe?g|gif|webp)")
+AVATAR_EMOJI = re.compile(r":[a-z0-9_+-]+:")
+MAX_AVATAR_BYTES = 1024 * 1024  # Discord refuses webhook avatars over about 8 MB; 1 MB is plenty at 128 px
+AVATAR_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif",
+                "webp": "image/webp"}
 
 
 def _persona_name(value: str) -> str:
@@ -50,6 +57,17 @@ def _collection_name(value: str) -> str:
     if not KNOWLEDGE_PATTERN.fullmatch(value):
         raise PydanticCustomError("collection_name", "collection names are lowercase letters, digits, '-' and '_'")
     return value
+
+
+def _avatar(value: str) -> str:
+    value = value.strip()
+    if not value or AVATAR_FILE.fullmatch(value) or AVATAR_EMOJI.fullmatch(value):
+        return value
+    if value.startswith("https://") and len(value) > len("https://x") and not re.search(r"\s", value):
+        return value
+    raise PydanticCustomError(
+        "avatar", "must be an https:// image URL, a Slack emoji like :robot_face:, or an image file in the "
+        "personas folder (NAME.png, .jpg, .gif or .webp)")
 
 
 def _not_blank(value: str) -> str:
@@ -87,6 +105,7 @@ class Persona(BaseModel):
 
     name: Annotated[str, Field(max_length=64), AfterValidator(_persona_name)]
     display_name: str = Field("", max_length=100)
+    avatar: Annotated[str, Field(max_length=500), AfterValidator(_avatar)] = ""
     description: str = Field("", max_length=1000)
     system: Annotated[str, Field(max_length=MAX_SYSTEM_CHARS), AfterValidator(_not_blank)]
     examples: list[Example] = Field([], max_length=64)  # turns, so 32 user/assistant exchanges
@@ -227,8 +246,8 @@ def _describe(err: Any, loc: tuple[Any, ...]) -> str:
     if kind == "string_type":
         return "must be text (put it in quotes if YAML read it as a number, date or yes/no)"
     if kind in ("model_type", "model_attributes_type", "dict_type") and not loc:
-        return "a persona file is a mapping of keys: name, system, and optionally display_name, description, " \
-               "examples, model, knowledge"
+        return "a persona file is a mapping of keys: name, system, and optionally display_name, avatar, " \
+               "description, examples, model, knowledge"
     message = err["msg"].removeprefix("Value error, ")
     return message.replace("Input should be", "must be", 1)
 
@@ -261,6 +280,8 @@ _Dumper.add_representer(str, _represent_str)
 def dump_persona(persona: Persona) -> str:
     """YAML in the same shape admins write by hand, leaving out everything that is at its default."""
     data: dict[str, Any] = {"name": persona.name, "display_name": persona.display_name}
+    if persona.avatar:
+        data["avatar"] = persona.avatar
     if persona.description:
         data["description"] = persona.description
     data["system"] = persona.system + "\n"
@@ -272,6 +293,40 @@ def dump_persona(persona: Persona) -> str:
     if persona.knowledge:
         data["knowledge"] = list(persona.knowledge)
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
+# ---------------------------------------------------------------------------------------------------- avatars
+
+
+def public_url() -> str | None:
+    """PERSONABOT_PUBLIC_URL: the https address `GET /avatars/…` is reachable at, which Discord and Slack
+    fetch avatar files from. (Read here until bot/config.py's Settings carries it.)"""
+    return os.environ.get("PERSONABOT_PUBLIC_URL") or None
+
+
+def avatar_url(persona: Persona, public_url: str | None) -> str | None:
+    """The image URL a platform shows for the persona; a file needs the bot's public address to be reachable."""
+    if persona.avatar.startswith("https://"):
+        return persona.avatar
+    if AVATAR_FILE.fullmatch(persona.avatar) and public_url:
+        return f"{public_url.rstrip('/')}/avatars/{persona.avatar}"
+    return None
+
+
+def read_avatar(directory: Path, name: str) -> tuple[bytes, str] | None:
+    """An avatar file's bytes and content type, or None unless it is really a small image of the type its
+    name says: the route serving these is public, so it serves nothing else from the folder."""
+    match = AVATAR_FILE.fullmatch(name)
+    if match is None:
+        return None
+    try:
+        data = persona_input.read_bytes(Path(directory) / name, MAX_AVATAR_BYTES)
+    except (persona_input.Refused, OSError):
+        return None
+    kind = "jpg" if match.group(1) == "jpeg" else match.group(1)
+    signatures = {"png": data.startswith(b"\x89PNG\r\n\x1a\n"), "jpg": data.startswith(b"\xff\xd8\xff"),
+                  "gif": data[:6] in (b"GIF87a", b"GIF89a"), "webp": data[:4] == b"RIFF" and data[8:12] == b"WEBP"}
+    return (data, AVATAR_TYPES[kind]) if signatures[kind] else None
 
 
 # ---------------------------------------------------------------------------------------------------- library

@@ -209,6 +209,7 @@ def describe_persona(persona: Persona, *, origin: str, active: bool) -> str:
     lines = [
         f"**{persona.display_name}** (`{persona.name}`, {origin})" + (": active here" if active else ""),
         persona.description,
+        f"Avatar: {persona.avatar}" if persona.avatar else "",
         f"Model: `{model}`" if model else "Model: the default",
         f"Knowledge: {', '.join(persona.knowledge)}" if persona.knowledge else "",
         f"Few-shot examples: {len(persona.examples)}" if persona.examples else "",

@@ -141,6 +141,9 @@ class FakeSlackApi:
             return {"ok": True, "channel": p["channel"], "ts": p["_ts"], "message": {"text": p.get("text", "")}}
         if method in ("chat.update", "chat.appendStream", "chat.stopStream"):
             return {"ok": True, "channel": p["channel"], "ts": p["ts"]}
+        if method in ("assistant.threads.setStatus", "assistant.threads.setTitle",
+                      "assistant.threads.setSuggestedPrompts"):
+            return {"ok": True}
         if method == "views.open":  # slack_sdk sends the view as a JSON object; other clients as a string
             view = p["view"] if isinstance(p["view"], dict) else json.loads(p["view"])
             return {"ok": True, "view": {"id": f"V{next(self._ts)}", **view}}

@@ -103,10 +103,12 @@ async def say_to_bot(bot, text: str, where: str = "general", who: str = "alice")
     return await dpytest.message(f"<@{bot.user.id}> {text}", channel=channel(where), member=member(who))
 
 
-async def bot_messages(where: discord.abc.Messageable, bot) -> list[str]:
-    """What the channel shows now (edits applied), oldest first, from dpytest's record of the channel."""
+async def bot_messages(where: discord.abc.Messageable, bot, *, notices: bool = False) -> list[str]:
+    """What the channel shows now (edits applied), oldest first, from dpytest's record of the channel; without
+    the once-per-channel note on how to let personas use their own name (its own tests look at it)."""
     shown = dpy_backend._cur_config.messages.get(where.id, [])
-    return [m["content"] for m in shown if int(m["author"]["id"]) == bot.user.id]
+    return [m["content"] for m in shown if int(m["author"]["id"]) == bot.user.id
+            and (notices or m["content"] not in (discord_reply.NO_WEBHOOKS_NOTICE, discord_reply.DM_NOTICE))]
 
 
 class Recorder:
@@ -197,6 +199,73 @@ async def submit(modal: discord.ui.Modal, interaction: FakeInteraction, **values
     await modal._scheduled_task(interaction, components, {})
 
 
+class FakeWebhookMessage:
+    def __init__(self, content: str, **sent: object):
+        self.content, self.sent, self.edits = content, sent, 0
+
+    async def edit(self, *, content: str, allowed_mentions: discord.AllowedMentions) -> "FakeWebhookMessage":
+        self.content, self.edits = content, self.edits + 1
+        self.sent["allowed_mentions"] = allowed_mentions
+        return self
+
+
+class FakeWebhook:
+    """Stands in for `discord.Webhook` at discord.py's boundary: dpytest has no webhooks."""
+
+    def __init__(self, channel: discord.TextChannel, name: str):
+        self.id, self.name, self.token, self.user = dpy_backend.facts.make_id(), name, "token", channel.guild.me
+        self.messages: list[FakeWebhookMessage] = []
+
+    async def send(self, content: str, *, username: str, avatar_url: str, wait: bool,
+                   allowed_mentions: discord.AllowedMentions, thread=discord.utils.MISSING) -> FakeWebhookMessage:
+        assert wait, "a streamed reply edits the message it sent, so it needs it back"
+        message = FakeWebhookMessage(content, username=username, avatar_url=avatar_url, thread=thread,
+                                     allowed_mentions=allowed_mentions)
+        self.messages.append(message)
+        return message
+
+
+@pytest.fixture
+async def webhooks(bot, monkeypatch):
+    """The bot holds Manage Webhooks; each channel's webhooks are FakeWebhooks, by channel id."""
+    hooks: dict[int, list[FakeWebhook]] = {}
+
+    async def listed(self: discord.TextChannel) -> list[FakeWebhook]:
+        return list(hooks.get(self.id, []))
+
+    async def create(self: discord.TextChannel, *, name: str, reason: str | None = None) -> FakeWebhook:
+        hook = FakeWebhook(self, name)
+        hooks.setdefault(self.id, []).append(hook)
+        return hook
+
+    monkeypatch.setattr(discord.TextChannel, "webhooks", listed)
+    monkeypatch.setattr(discord.TextChannel, "create_webhook", create)
+    guild = channel("general").guild
+    role = dpy_backend.make_role("Hooks", guild, permissions=discord.Permissions(manage_webhooks=True).value)
+    await dpytest.add_role(guild.me, role)
+    return hooks
+
+
+async def use_persona(engine, name: str, where: str = "general") -> None:
+    await engine.history.set_persona(conv_key(channel(where)).channel_key, name)
+
+
+def webhook_message(where: discord.TextChannel, webhook_id: int, content: str) -> dict:
+    """A message some webhook posted, as Discord's payload (dpytest cannot post through webhooks)."""
+    return dpy_backend.facts.make_message_dict(where, dpy_backend.make_user("Assistant", "0007"), content=content,
+                                               webhook_id=webhook_id)
+
+
+async def reply_to(replied: dict, where: discord.TextChannel, content: str, who: str = "alice") -> None:
+    """A reply to the message `replied`, as Discord delivers one (dpytest's messages carry no reference)."""
+    data = dpy_backend.facts.make_message_dict(where, member(who), content=content, type=19,
+                                               mentions=dpy_backend.find_user_mentions(content, where.guild))
+    data["message_reference"] = {"message_id": replied["id"], "channel_id": where.id, "guild_id": where.guild.id}
+    data["referenced_message"] = replied
+    dpy_backend.get_state().parse_message_create(data)
+    await dpytest.run_all_events()
+
+
 # -- chat --------------------------------------------------------------------------------------------
 
 
@@ -236,6 +305,119 @@ async def test_webhook_messages_are_ignored(bot, openai_server):
     await dpytest.run_all_events()
 
     assert openai_server.requests == []
+
+
+# -- the persona's own name and avatar ----------------------------------------------------------------
+
+
+async def test_reply_is_posted_under_the_personas_name_and_avatar(bot, engine, webhooks, monkeypatch):
+    monkeypatch.setenv("PERSONABOT_PUBLIC_URL", "https://bot.example.com")
+    (engine.settings.personas_dir / "comic.yaml").write_text(
+        (engine.settings.personas_dir / "comic.yaml").read_text() + "avatar: comic.png\n")
+    await engine.personas.library.refresh()
+    await use_persona(engine, "comic")
+
+    await say_to_bot(bot, "hello there")
+
+    (hook,) = webhooks[channel("general").id]
+    (message,) = hook.messages
+    comic = engine.personas.library.get("comic")
+    assert (message.content, message.sent["username"], message.sent["avatar_url"]) == (
+        "echo: hello there", comic.display_name, "https://bot.example.com/avatars/comic.png")
+    assert await bot_messages(channel("general"), bot, notices=True) == []
+
+
+async def test_persona_made_in_the_form_answers_with_its_avatar(bot, webhooks):
+    await make_admin(member("alice"))
+    form = (await slash(bot, "persona create", who="alice", name="pirate")).modal
+    await submit(form, FakeInteraction(bot, member("alice"), channel("general")), display_name="Captain",
+                 system="You are a pirate.", extra="avatar: https://cdn.example.com/captain.png\n")
+    await slash(bot, "persona set", who="alice", name="pirate")
+
+    await say_to_bot(bot, "ahoy")
+
+    message = webhooks[channel("general").id][0].messages[-1]
+    assert (message.sent["username"], message.sent["avatar_url"]) == ("Captain", "https://cdn.example.com/captain.png")
+
+
+async def test_persona_without_avatar_borrows_the_bots_own(bot, webhooks):
+    await say_to_bot(bot, "hello there")
+
+    (message,) = webhooks[channel("general").id][0].messages
+    assert (message.sent["username"], message.sent["avatar_url"]) == ("Assistant", bot.user.display_avatar.url)
+
+
+async def test_webhook_is_made_once_per_channel_and_reused(bot, webhooks):
+    await say_to_bot(bot, "one")
+    await say_to_bot(bot, "two")
+    bot.webhooks.forget(channel("general").id)  # as after a restart: found again, not made again
+    await say_to_bot(bot, "three")
+
+    (hook,) = webhooks[channel("general").id]
+    assert [m.content for m in hook.messages] == ["echo: one", "echo: two", "echo: three"]
+
+
+async def test_webhook_reply_streams_by_edits_and_pings_nobody(bot, webhooks, openai_server):
+    openai_server.script(Reply(text="Hello @everyone, and <@&123>!", chunks=["Hello ", "@everyone, ", "and <@&123>!"],
+                               chunk_delay=0.05))
+    await say_to_bot(bot, "announce")
+
+    (message,) = webhooks[channel("general").id][0].messages
+    mentions = message.sent["allowed_mentions"]
+    assert message.content == "Hello @everyone, and <@&123>!" and message.edits >= 1
+    assert (mentions.everyone, mentions.roles) == (False, False)
+
+
+async def test_long_webhook_reply_is_split_at_discords_limit(bot, webhooks, openai_server):
+    openai_server.script(Reply(text="word " * 900))
+    await say_to_bot(bot, "talk a lot")
+
+    messages = webhooks[channel("general").id][0].messages
+    assert len(messages) > 1 and all(len(m.content) <= 2000 for m in messages)
+
+
+async def test_reply_in_a_thread_goes_through_the_parents_webhook_into_the_thread(bot, webhooks):
+    thread = make_thread(bot, channel("general"), owner_id=bot.user.id)
+
+    await dpytest.message("hello in the thread", channel=thread, member=member("alice"))
+
+    (message,) = webhooks[channel("general").id][0].messages
+    assert (message.content, message.sent["thread"]) == ("echo: hello in the thread", thread)
+
+
+async def test_reply_to_a_personas_webhook_message_continues_the_conversation(bot, webhooks, openai_server):
+    await say_to_bot(bot, "remember the codeword swordfish")
+    hook = webhooks[channel("general").id][0]
+
+    await reply_to(webhook_message(channel("general"), hook.id, "echo: remember the codeword swordfish"),
+                   channel("general"), "what was the codeword?")
+
+    assert hook.messages[-1].content == "echo: what was the codeword?"
+    assert "swordfish" in str(openai_server.last["messages"])
+
+
+async def test_reply_to_someone_elses_webhook_is_not_addressed_to_the_bot(bot, webhooks, openai_server):
+    relayed = webhook_message(channel("general"), dpy_backend.facts.make_id(), "news")
+
+    await reply_to(relayed, channel("general"), "interesting")
+
+    assert openai_server.requests == []
+
+
+async def test_without_manage_webhooks_replies_under_the_bots_name_and_says_once_how_to_change_it(bot):
+    await say_to_bot(bot, "one")
+    await say_to_bot(bot, "two")
+
+    assert await bot_messages(channel("general"), bot, notices=True) == [
+        "echo: one", discord_reply.NO_WEBHOOKS_NOTICE, "echo: two"]
+
+
+async def test_direct_message_replies_under_the_bots_name_and_says_so_once(bot):
+    dm = await member("alice").create_dm()
+    await dpytest.message("hi", channel=dm, member=member("alice"))
+    await dpytest.message("again", channel=dm, member=member("alice"))
+
+    assert await bot_messages(dm, bot, notices=True) == ["echo: hi", discord_reply.DM_NOTICE, "echo: again"]
 
 
 async def test_history_is_kept_per_channel_and_not_shared(bot, openai_server):
@@ -511,6 +693,35 @@ async def test_ask_answers_without_channel_history(bot, openai_server):
 
     assert "swordfish" not in str(openai_server.last["messages"])
     assert answer.text == "echo: what was the codeword?"
+
+
+async def ask_the_persona(bot, about: discord.Message, who: str = "bob") -> FakeInteraction:
+    """Right-click on `about` → Apps → Ask the persona, through the registered menu item's own callback."""
+    menu = bot.tree.get_command("Ask the persona", type=discord.AppCommandType.message)
+    interaction = FakeInteraction(bot, member(who), about.channel)
+    await menu.callback(interaction, about)
+    return interaction
+
+
+async def test_ask_the_persona_on_a_message_answers_its_text_as_a_one_off(bot, engine, openai_server):
+    await use_persona(engine, "comic")
+    await say_to_bot(bot, "remember the codeword swordfish")
+    question = await dpytest.message("why do statisticians love the beach?", channel=channel("general"),
+                                     member=member("alice"))
+
+    answer = await ask_the_persona(bot, question)
+
+    assert answer.text == "echo: why do statisticians love the beach?"
+    sent = openai_server.last["messages"]
+    assert sent[0]["content"] == engine.personas.library.get("comic").system and "swordfish" not in str(sent)
+
+
+async def test_ask_the_persona_on_a_message_without_text_says_so(bot, openai_server):
+    image_only = await dpytest.message("", channel=channel("general"), member=member("alice"))
+
+    answer = await ask_the_persona(bot, image_only)
+
+    assert answer.text == "That message has no text for me to answer." and openai_server.requests == []
 
 
 async def test_admin_creates_persona_through_form(bot, engine, openai_server):

@@ -4,6 +4,7 @@ OpenAI-compatible server (tests/openai_server.py), history in a real SQLite file
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from dataclasses import dataclass
@@ -28,7 +29,10 @@ ADMIN = "UADMIN"
 PERSONAS = {
     "assistant": "name: assistant\nsystem: You are a helpful assistant.\n",
     "pirate": "name: pirate\ndisplay_name: Captain\ndescription: Talks like a pirate.\nsystem: You are a pirate.\n",
+    "myna": "name: myna\ndisplay_name: Polly\navatar: polly.png\nsystem: You repeat things.\n",
+    "robot": "name: robot\ndisplay_name: Robbie\navatar: ':robot_face:'\nsystem: You beep.\n",
 }
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64  # a PNG signature is all the avatar route checks
 
 
 @dataclass
@@ -53,6 +57,8 @@ def config(tmp_path, settings, openai_server, api) -> Settings:  # `settings` cl
     personas.mkdir()
     for name, text in PERSONAS.items():
         (personas / f"{name}.yaml").write_text(text)
+    (personas / "polly.png").write_bytes(PNG)
+    (personas / "fake.png").write_text("name: not an image\n")
     return Settings(
         _env_file=None,
         PERSONABOT_DATA_DIR=tmp_path / "data",
@@ -210,6 +216,93 @@ async def test_mention_is_answered_in_its_thread(rig):
     assert rig.api.thread_text("C1", "1700000001.000100") == "Ahoy, **friend**!"
     start = rig.api.calls_to("chat.startStream")[0].params
     assert (start["recipient_user_id"], start["recipient_team_id"]) == ("U1", TEAM)
+
+
+async def switch_persona(rig: Rig, name: str, channel: str = "C1") -> None:
+    await rig.slack.command("/persona", f"set {name}", user=ADMIN, channel=channel,
+                            response_url=rig.api.response_url(f"set-{name}"))
+    await rig.api.wait_for(lambda: rig.api.responses(f"set-{name}"))
+
+
+async def test_reply_streams_under_the_personas_name_and_emoji(rig):
+    await switch_persona(rig, "robot")
+    await rig.slack.event(mention("hi", "1700000011.000100"))
+    await stream_finished(rig)
+
+    start = rig.api.calls_to("chat.startStream")[0].params
+    assert (start["username"], start["icon_emoji"]) == ("Robbie", ":robot_face:")
+
+
+async def test_reply_posted_without_streaming_shows_the_personas_avatar_file(rig, monkeypatch):
+    monkeypatch.setenv("PERSONABOT_PUBLIC_URL", "https://bot.example.com/")
+    rig.api.streaming = False
+    await switch_persona(rig, "myna")
+    await rig.slack.event(mention("hi", "1700000012.000100"))
+    await rig.api.wait_for(lambda: rig.api.calls_to("chat.postMessage"))
+
+    posted = rig.api.calls_to("chat.postMessage")[0].params
+    assert (posted["username"], posted["icon_url"]) == ("Polly", "https://bot.example.com/avatars/polly.png")
+
+
+async def test_default_persona_replies_under_its_display_name(rig):
+    await rig.slack.event(mention("hi", "1700000013.000100"))
+    await stream_finished(rig)
+
+    start = rig.api.calls_to("chat.startStream")[0].params
+    assert start["username"] == "Assistant" and "icon_url" not in start and "icon_emoji" not in start
+
+
+async def test_avatar_file_is_served_as_an_image(rig):
+    async with rig.slack.session.get(f"{rig.url}/avatars/polly.png") as response:
+        assert (response.status, response.content_type, await response.read()) == (200, "image/png", PNG)
+
+
+@pytest.mark.parametrize("path", ["fake.png", "myna.yaml", "..%2Fpersonas%2Fpolly.png", "%2E%2E%2Fetc%2Fpasswd",
+                                  "missing.png"])
+async def test_avatar_route_serves_nothing_but_real_images_in_the_personas_folder(rig, path):
+    async with rig.slack.session.get(f"{rig.url}/avatars/{path}") as response:
+        assert response.status == 404
+
+
+# -- Slack's AI-app surface: assistant threads in the app's DM ------------------------------------------
+
+
+def thread_started(channel: str = "D1", thread_ts: str = "1700000020.000001") -> dict:
+    return {"type": "assistant_thread_started", "event_ts": thread_ts,
+            "assistant_thread": {"user_id": "U1", "channel_id": channel, "thread_ts": thread_ts, "context": {}}}
+
+
+def assistant_question(text: str, ts: str, thread_ts: str = "1700000020.000001") -> dict:
+    return {"type": "message", "channel_type": "im", "channel": "D1", "user": "U1", "text": text, "ts": ts,
+            "thread_ts": thread_ts}
+
+
+async def test_new_assistant_thread_suggests_the_personas_example_questions(rig):
+    (rig.engine.settings.personas_dir / "assistant.yaml").write_text(
+        PERSONAS["assistant"] + "examples:\n  - {role: user, content: How do refunds work?}\n"
+        "  - {role: assistant, content: They take five days.}\n")
+    await rig.engine.personas.library.refresh()
+
+    await rig.slack.event(thread_started())
+    (call,) = await rig.api.wait_for(lambda: rig.api.calls_to("assistant.threads.setSuggestedPrompts"))
+
+    prompts = call.params["prompts"] if isinstance(call.params["prompts"], list) else json.loads(call.params["prompts"])
+    assert (call.params["channel_id"], call.params["thread_ts"]) == ("D1", "1700000020.000001")
+    assert prompts == [{"title": "How do refunds work?", "message": "How do refunds work?"}]
+
+
+async def test_assistant_question_shows_thinking_titles_the_thread_once_and_is_answered_in_it(rig):
+    await rig.slack.event(assistant_question("what is a persona?", "1700000020.000100"))
+    await stream_finished(rig)
+    await rig.slack.event(assistant_question("and a webhook?", "1700000020.000200"))
+    await stream_finished(rig, 2)
+
+    statuses = rig.api.calls_to("assistant.threads.setStatus")
+    titles = rig.api.calls_to("assistant.threads.setTitle")
+    assert [c.params["status"] for c in statuses] == ["is thinking…", "is thinking…"]
+    assert [c.params["title"] for c in titles] == ["what is a persona?"]
+    assert statuses[0].at < rig.api.calls_to("chat.startStream")[0].at
+    assert rig.api.thread_text("D1", "1700000020.000001") == "echo: what is a persona?\necho: and a webhook?"
 
 
 async def test_a_thread_sees_only_its_own_history(rig):
@@ -421,6 +514,10 @@ class _Registrations:
         self.events.add(name)
         return lambda listener: listener
 
+    def assistant(self, assistant):
+        """bolt's Assistant middleware takes the assistant threads' events (and their DMs, message.im)."""
+        self.events |= {"assistant_thread_started", "assistant_thread_context_changed"}
+
 
 async def test_manifest_declares_exactly_the_commands_and_events_the_app_handles(engine):
     manifest = yaml.safe_load((Path(__file__).resolve().parent.parent / "slack-manifest.yml").read_text())
@@ -432,8 +529,10 @@ async def test_manifest_declares_exactly_the_commands_and_events_the_app_handles
     assert {event.split(".")[0] for event in events} == registered.events
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     needed = {"app_mention": "app_mentions:read", "message.im": "im:history", "message.channels": "channels:history",
-              "message.groups": "groups:history"}
-    assert {needed[event] for event in events} | {"commands", "chat:write"} <= scopes
+              "message.groups": "groups:history", "assistant_thread_started": "assistant:write",
+              "assistant_thread_context_changed": "assistant:write"}
+    assert {needed[event] for event in events} | {"commands", "chat:write", "chat:write.customize"} <= scopes
     # The persona forms come back as signed view_submission requests to the same URL.
     assert registered.views and manifest["settings"]["interactivity"]["is_enabled"]
     assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")
+    assert "assistant_view" in manifest["features"]

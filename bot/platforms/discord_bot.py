@@ -20,7 +20,8 @@ from bot.conversation import Incoming
 from bot.engine import Engine
 from bot.platforms.discord_commands import add_commands
 from bot.platforms.discord_reply import (
-    EDIT_INTERVAL, ReplyStream, conv_key, make_incoming, safe_mentions, send_with_retries, typing_in,
+    DM_NOTICE, EDIT_INTERVAL, NO_WEBHOOKS_NOTICE, PersonaWebhooks, ReplyStream, conv_key, make_incoming,
+    persona_look, safe_mentions, send_with_retries, typing_in, webhook_channel,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class PersonaBot(commands.Bot):
         self.engine = engine
         self.settings = settings
         self.edit_interval = edit_interval
+        self.webhooks = PersonaWebhooks()
         add_commands(self)
 
     async def setup_hook(self) -> None:
@@ -80,23 +82,48 @@ class PersonaBot(commands.Bot):
         )
 
     async def answer(self, message: discord.Message, incoming: Incoming) -> None:
+        """Streams the reply as the persona (name and avatar, through the channel's webhook) where the bot may
+        manage webhooks, else under its own identity, saying once per channel how to change that."""
         mentions = safe_mentions(message.author)
         channel = message.channel
+        parent = webhook_channel(channel)
+        hook = await self._webhook(parent)
+        look = persona_look(await self.engine.active_persona(incoming.key), self.user.display_avatar.url)
+        thread = channel if isinstance(channel, discord.Thread) else discord.utils.MISSING
+
+        async def send(content: str, reference: discord.MessageReference | None = None) -> discord.Message:
+            nonlocal hook
+            if hook is not None and parent is not None:
+                try:
+                    return await hook.send(content, thread=thread, wait=True, allowed_mentions=mentions, **look)
+                except (discord.NotFound, discord.Forbidden) as exc:  # deleted, or the permission taken away
+                    log.info("webhook in %s unusable (%s); answering under the bot's own name", parent.id, exc)
+                    self.webhooks.forget(parent.id)
+                    hook = None
+            return await channel.send(content, reference=reference, allowed_mentions=mentions)
 
         async def first(content: str) -> discord.Message:
-            return await channel.send(
-                content, reference=message.to_reference(fail_if_not_exists=False), allowed_mentions=mentions
-            )
+            return await send(content, message.to_reference(fail_if_not_exists=False))
 
-        async def more(content: str) -> discord.Message:
-            return await channel.send(content, allowed_mentions=mentions)
-
-        stream = ReplyStream(first, more, mentions=mentions, typing=typing_in(channel), interval=self.edit_interval)
+        stream = ReplyStream(first, send, mentions=mentions, typing=typing_in(channel), interval=self.edit_interval)
         try:
             await stream.run(self.engine.reply(incoming))
+            # Said in DMs and text channels; a forum's or voice channel's threads have no webhook to enable here.
+            notice = DM_NOTICE if incoming.is_private else NO_WEBHOOKS_NOTICE if parent is not None else None
+            if hook is None and notice and self.webhooks.first_time_without((parent or channel).id):
+                await channel.send(notice, allowed_mentions=safe_mentions())
         except discord.HTTPException as exc:
             # Missing permissions, or the message was deleted mid-reply: nothing left to show it in.
             log.warning("could not deliver a reply in %s: %s", incoming.key, exc)
+
+    async def _webhook(self, parent: discord.TextChannel | None, *, create: bool = True) -> discord.Webhook | None:
+        if parent is None:
+            return None
+        try:
+            return await self.webhooks.get(parent, create=create)
+        except discord.HTTPException as exc:  # e.g. the channel already has Discord's 15 webhooks
+            log.warning("no webhook in channel %s: %s", parent.id, exc)
+            return None
 
     async def is_addressed(self, message: discord.Message) -> bool:
         me = self.user
@@ -110,6 +137,11 @@ class PersonaBot(commands.Bot):
         replied_to = reference.resolved if reference is not None else None
         if isinstance(replied_to, discord.Message) and replied_to.author == me:
             return True
+        if isinstance(replied_to, discord.Message) and replied_to.webhook_id is not None:
+            # A reply to a persona's message (sent through the bot's webhook) carries on the conversation.
+            hook = await self._webhook(webhook_channel(channel), create=False)
+            if hook is not None and hook.id == replied_to.webhook_id:
+                return True
         if isinstance(channel, discord.Thread) and channel.owner_id == me.id:
             return True
         # A thread inherits its parent channel's setting: the key's channel is the parent.

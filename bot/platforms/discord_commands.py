@@ -44,6 +44,7 @@ def add_commands(bot: "PersonaBot") -> None:
             _app_command(bot, cmd, parent)
         bot.tree.add_command(parent)
     bot.tree.add_command(app_commands.Command(name="thread", description=THREAD_HELP, callback=_thread_command(bot)))
+    bot.tree.add_command(app_commands.ContextMenu(name=ASK_MENU, callback=_ask_menu(bot)))
 
     @bot.tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -209,6 +210,26 @@ def _thread_command(bot: "PersonaBot"):
         await say(interaction, f"Started {started.mention}.", ephemeral=False)
 
     return thread
+
+
+# -- Discord's own: the message menu's "Ask the persona" --------------------------------------------
+
+ASK_MENU = "Ask the persona"  # a menu item's name is fixed when it is registered, so it cannot name the persona
+NOTHING_TO_ASK = "That message has no text for me to answer."
+
+
+def _ask_menu(bot: "PersonaBot"):
+    """Right-click → Apps → Ask the persona: `/ask` with that message's text as the question."""
+
+    async def ask_about(interaction: discord.Interaction, message: discord.Message) -> None:
+        if not message.content.strip():
+            await say(interaction, NOTHING_TO_ASK)
+            return
+        ask = commands.COMMANDS["ask"]
+        incoming = incoming_for(bot.engine, interaction)
+        await render(bot, interaction, ask, commands.run(bot.engine, incoming, ask.path, {"question": message.content}))
+
+    return ask_about
 
 
 # -- helpers ---------------------------------------------------------------------------------------

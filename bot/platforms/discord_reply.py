@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -24,6 +25,7 @@ import aiohttp
 import discord
 
 from bot.conversation import ConvKey, Incoming
+from bot.personas import Persona, avatar_url, public_url
 from bot.render import EMPTY_REPLY, FAILURE_NOTICE, close_open_fence, split_message
 
 if TYPE_CHECKING:
@@ -108,6 +110,81 @@ async def typing_in(channel: discord.abc.Messageable) -> AsyncIterator[None]:
         yield
     finally:
         task.cancel()
+
+
+# -- the persona's own name and face: a channel webhook -----------------------------------------------
+
+WEBHOOK_NAME = "personabot"
+USERNAME_LIMIT = 80  # Discord's cap on a webhook message's username
+NO_WEBHOOKS_NOTICE = ("_(I'm answering under my own name here. Give me the **Manage Webhooks** permission in this "
+                      "channel's settings and each persona answers with its own name and avatar.)_")
+DM_NOTICE = ("_(In DMs I answer under my own name; in a server channel where I have the **Manage Webhooks** "
+             "permission, each persona answers with its own name and avatar.)_")
+
+
+class PersonaWebhooks:
+    """One webhook per text channel, made by the bot once and reused (a thread posts through its parent's).
+
+    Discord allows 15 webhooks a channel and rate-limits creating them, so the bot looks for its own before
+    making one, and remembers the most recent `size` channels' (a handful of bytes each). It also remembers
+    where it already said why it could not use one, so that is said once per channel, not on every reply.
+    """
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._hooks: OrderedDict[int, discord.Webhook] = OrderedDict()
+        self._told: OrderedDict[int, None] = OrderedDict()
+        self._lock = asyncio.Lock()  # two first replies in one channel must not make two webhooks
+
+    async def get(self, channel: discord.TextChannel, *, create: bool = True) -> discord.Webhook | None:
+        """The bot's webhook in `channel`, or None where it may not manage webhooks."""
+        if (hook := self._hooks.get(channel.id)) is not None:
+            self._hooks.move_to_end(channel.id)
+            return hook
+        if not channel.permissions_for(channel.guild.me).manage_webhooks:
+            return None
+        async with self._lock:
+            if (hook := self._hooks.get(channel.id)) is None:
+                me = channel.guild.me
+                mine = [h for h in await channel.webhooks()
+                        if h.user is not None and h.user.id == me.id and h.name == WEBHOOK_NAME and h.token]
+                if mine:
+                    hook = mine[0]
+                elif create:
+                    hook = await channel.create_webhook(name=WEBHOOK_NAME, reason="replies in each persona's name")
+                else:
+                    return None
+                self._remember(self._hooks, channel.id, hook)
+        return hook
+
+    def forget(self, channel_id: int) -> None:
+        """The webhook was deleted or the permission taken away: look again next time."""
+        self._hooks.pop(channel_id, None)
+
+    def first_time_without(self, channel_id: int) -> bool:
+        """True the first time a reply in this channel goes out under the bot's own identity."""
+        if channel_id in self._told:
+            return False
+        self._remember(self._told, channel_id, None)
+        return True
+
+    def _remember(self, cache: OrderedDict, key: int, value: object) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self.size:
+            cache.popitem(last=False)
+
+
+def webhook_channel(channel: discord.abc.Messageable) -> discord.TextChannel | None:
+    """The text channel whose webhook would carry a reply here (a thread's parent), or None (DMs, voice chats)."""
+    parent = channel.parent if isinstance(channel, discord.Thread) else channel
+    return parent if isinstance(parent, discord.TextChannel) else None
+
+
+def persona_look(persona: Persona, fallback_avatar: str | None) -> dict[str, str]:
+    """`username` and `avatar_url` for `Webhook.send`; without a usable image URL, the bot's own avatar."""
+    return {"username": persona.display_name[:USERNAME_LIMIT],
+            "avatar_url": avatar_url(persona, public_url()) or fallback_avatar or discord.utils.MISSING}
 
 
 class Editable(Protocol):

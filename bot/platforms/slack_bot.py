@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -25,6 +26,10 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.context.respond.async_respond import AsyncRespond
+from slack_bolt.context.set_status.async_set_status import AsyncSetStatus
+from slack_bolt.context.set_suggested_prompts.async_set_suggested_prompts import AsyncSetSuggestedPrompts
+from slack_bolt.context.set_title.async_set_title import AsyncSetTitle
+from slack_bolt.middleware.assistant.async_assistant import AsyncAssistant
 from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
@@ -34,9 +39,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import commands, metrics
 from bot.config import Settings
 from bot.conversation import Attachment, ConvKey, Incoming, Role
+from bot.personas import read_avatar
 from bot.platforms.slack_format import MESSAGE_LIMIT, from_slack, to_mrkdwn
 from bot.platforms.slack_replay import ReplayGuard
-from bot.platforms.slack_reply import ChannelPacer, ThreadReply
+from bot.platforms.slack_reply import ChannelPacer, ThreadReply, persona_identity
 from bot.render import clip, split_message
 
 if TYPE_CHECKING:
@@ -54,6 +60,9 @@ FORM_CALLBACK = "personabot_form"
 MODAL_TITLE_LIMIT = 24  # Slack's cap on a modal's title
 # A file shared with no words, or with "add …", is a document for the knowledge base; a file shared with a
 # question (a screenshot, a log) is context for that question and must not be met with an admin refusal.
+SUGGESTED_PROMPTS = 4  # Slack shows at most four
+THREAD_TITLE_LIMIT = 100
+THINKING = "is thinking…"  # Slack shows it after the app's name
 _UPLOAD_WORDS = re.compile(r"^(add|learn|upload|remember)\b", re.IGNORECASE)
 
 
@@ -124,10 +133,14 @@ def create_slack_app(engine: "Engine", settings: Settings) -> PersonabotApp:
     return app
 
 
-def create_web_app(slack_app: PersonabotApp | None, *, metrics_token: str | None = None) -> web.Application:
+def create_web_app(slack_app: PersonabotApp | None, *, metrics_token: str | None = None,
+                   personas_dir: Path | None = None) -> web.Application:
     """`GET /healthz` and `GET /metrics` for the host, and `POST /slack/events` (events and slash commands)
     when Slack talks over HTTP. In Socket Mode there is no signing secret, so that route is left out. With a
-    `metrics_token`, /metrics answers only `Authorization: Bearer <token>`."""
+    `metrics_token`, /metrics answers only `Authorization: Bearer <token>`. `GET /avatars/NAME` serves the
+    persona avatar files in `personas_dir` (default: the Slack app's), which Slack and Discord fetch."""
+    if personas_dir is None and slack_app is not None:
+        personas_dir = slack_app.settings.personas_dir
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -138,8 +151,16 @@ def create_web_app(slack_app: PersonabotApp | None, *, metrics_token: str | None
         body, content_type = metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    async def avatar(request: web.Request) -> web.Response:
+        found = read_avatar(personas_dir, request.match_info["file"]) if personas_dir is not None else None
+        if found is None:
+            return web.Response(status=404)
+        data, content_type = found
+        return web.Response(body=data, content_type=content_type, headers={"Cache-Control": "max-age=3600"})
+
     app = web.Application()
-    app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_text)])
+    app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_text),
+                    web.get("/avatars/{file}", avatar)])
     if slack_app is not None:
         app.add_routes([web.post("/slack/events", _events_route(slack_app, app))])
     return app
@@ -186,7 +207,8 @@ async def run_slack(engine: "Engine", settings: Settings) -> None:
     way `$PORT` answers `/healthz` and `/metrics`, so the Procfile's web process is healthy in both modes."""
     slack_app = create_slack_app(engine, settings)
     socket_mode = bool(settings.slack_app_token)
-    web_app = create_web_app(None if socket_mode else slack_app, metrics_token=settings.metrics_token)
+    web_app = create_web_app(None if socket_mode else slack_app, metrics_token=settings.metrics_token,
+                             personas_dir=settings.personas_dir)
     runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.bind_address, settings.port).start()
@@ -223,6 +245,12 @@ class SlackBot:
             app.command(f"/{name}")(self.slash)
         app.view(FORM_CALLBACK)(self.form_submitted)
         app.event("app_mention")(self.chat)
+        # The app's DM as Slack's AI-app surface: bolt's Assistant takes the assistant events and the messages in
+        # the DM's threads; everything else falls through to the listeners here.
+        assistant = AsyncAssistant()
+        assistant.thread_started(self.assistant_thread_started)
+        assistant.user_message(self.assistant_message)
+        app.assistant(assistant)
         app.event("message")(self.direct_message)
 
     async def _drop_retries(self, body: dict, next) -> BoltResponse | None:
@@ -322,6 +350,33 @@ class SlackBot:
             return  # edits, deletions, joins: nothing to answer
         await self.chat(event, body, client, context)
 
+    async def assistant_thread_started(self, event: dict, body: dict,
+                                       set_suggested_prompts: AsyncSetSuggestedPrompts) -> None:
+        """A new assistant thread offers the questions the persona's own examples ask."""
+        thread = event["assistant_thread"]
+        key = ConvKey("slack", body.get("team_id") or "", thread["channel_id"])
+        persona = await self.engine.active_persona(key)
+        prompts = [turn["content"] for turn in persona.examples if turn["role"] == "user"][:SUGGESTED_PROMPTS]
+        if prompts:
+            await set_suggested_prompts(prompts=[{"title": clip(text, 75), "message": text} for text in prompts],
+                                        title=f"Ask {persona.display_name}")
+
+    async def assistant_message(self, event: dict, body: dict, client: AsyncWebClient, context: dict,
+                                set_status: AsyncSetStatus, set_title: AsyncSetTitle) -> None:
+        """A question in an assistant thread: titled after the thread's first question, "is thinking…" until
+        the answer starts (Slack clears the status when the reply posts), then answered like any DM."""
+        if _written_by_a_bot(event) or event.get("subtype") not in (None, "file_share"):
+            return
+        team = body.get("team_id") or event.get("team", "")
+        text = from_slack(event.get("text", ""), context.get("bot_user_id"))
+        try:
+            if text and self._recent.first_time(("title", team, event["channel"], event["thread_ts"])):
+                await set_title(clip(text, THREAD_TITLE_LIMIT))
+            await set_status(THINKING)
+        except SlackApiError as exc:  # bolt also routes plain DM threads here, which have no assistant status
+            log.info("assistant thread status refused (%s); answering anyway", exc.response.get("error"))
+        await self.chat(event, body, client, context)
+
     async def chat(self, event: dict, body: dict, client: AsyncWebClient, context: dict) -> None:
         if _written_by_a_bot(event):
             return
@@ -338,19 +393,22 @@ class SlackBot:
             text=from_slack(event.get("text", ""), context.get("bot_user_id")),
             is_private=event.get("channel_type") == "im" or channel.startswith("D"),
         )
+        identity = persona_identity(await self.engine.active_persona(incoming.key))
         if event.get("files") and (not incoming.text or _UPLOAD_WORDS.match(incoming.text)):
-            await self._add_files(client, event["files"], incoming, thread)
+            await self._add_files(client, event["files"], incoming, thread, identity)
             return
         if not incoming.text:
-            await client.chat_postMessage(channel=channel, thread_ts=thread, text="Yes? Ask me something.")
+            await client.chat_postMessage(channel=channel, thread_ts=thread, text="Yes? Ask me something.",
+                                          **identity)
             return
         reply = ThreadReply(client, channel=channel, thread_ts=thread, team_id=team, user_id=user,
-                            pacer=self._pacer)
+                            pacer=self._pacer, identity=identity)
         async for piece in self.engine.reply(incoming):
             await reply.write(piece)
         await reply.close()
 
-    async def _add_files(self, client: AsyncWebClient, files: list[dict], incoming: Incoming, thread: str) -> None:
+    async def _add_files(self, client: AsyncWebClient, files: list[dict], incoming: Incoming, thread: str,
+                         identity: dict[str, str]) -> None:
         """Files shared with the bot run `/knowledge add`; each gets its own report line in the thread."""
         incoming = dataclasses.replace(incoming, role=await self._role(client, incoming.user_id))
         reports: list[str] = []
@@ -371,7 +429,7 @@ class SlackBot:
                 continue
             reports.append(result.text)
         await client.chat_postMessage(channel=incoming.key.channel, thread_ts=thread,
-                                      text=to_mrkdwn("\n".join(dict.fromkeys(reports))))
+                                      text=to_mrkdwn("\n".join(dict.fromkeys(reports))), **identity)
 
     async def _download(self, client: AsyncWebClient, info: dict[str, Any]) -> bytes:
         url = info.get("url_private_download") or info["url_private"]

@@ -20,11 +20,24 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.personas import AVATAR_EMOJI, Persona, avatar_url, public_url
 from bot.platforms.slack_format import MESSAGE_LIMIT, STREAM_LIMIT, defuse_mentions, safe_to_send, to_mrkdwn
 from bot.render import EMPTY_REPLY, best_cut, open_fence, split_message
 
 log = logging.getLogger(__name__)
 
+USERNAME_LIMIT = 80  # Slack shows at most this much of a customized name
+
+
+def persona_identity(persona: Persona) -> dict[str, str]:
+    """The persona's name and face for a post or stream (needs chat:write.customize; without it Slack shows
+    the app's own, which is still a delivered answer)."""
+    identity = {"username": persona.display_name[:USERNAME_LIMIT]}
+    if AVATAR_EMOJI.fullmatch(persona.avatar):
+        identity["icon_emoji"] = persona.avatar
+    elif url := avatar_url(persona, public_url()):
+        identity["icon_url"] = url
+    return identity
 
 
 class ChannelPacer:
@@ -84,8 +97,10 @@ class ThreadReply:
         team_id: str,
         user_id: str,
         pacer: ChannelPacer,
+        identity: dict[str, str] | None = None,
     ):
         self._client = client
+        self._identity = identity or {}
         self._channel = channel
         self._thread_ts = thread_ts
         self._team_id = team_id
@@ -147,6 +162,7 @@ class ThreadReply:
                     recipient_team_id=self._team_id,
                     recipient_user_id=self._user_id,
                     buffer_size=1,  # we buffer and pace ourselves; every append goes out at once
+                    **self._identity,
                 )
                 self._stream_text = ""
             room = STREAM_LIMIT - len(self._reopen) - len(self._stream_text) - 4
@@ -174,6 +190,6 @@ class ThreadReply:
                     self._posted[index] = (ts, part)
             else:
                 response = await self._client.chat_postMessage(
-                    channel=self._channel, thread_ts=self._thread_ts, text=part
+                    channel=self._channel, thread_ts=self._thread_ts, text=part, **self._identity
                 )
                 self._posted.append((response["ts"], part))
