@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # Model names and local model paths a workspace admin may give a persona; empty = the configured defaults.
     allowed_models: Annotated[frozenset[str], NoDecode] = Field(frozenset(), validation_alias="PERSONABOT_ALLOWED_MODELS")
     max_local_models: int = Field(2, gt=0, validation_alias="PERSONABOT_MAX_LOCAL_MODELS")
+    # Which engine serves local models: CTranslate2 wherever it converts the model ("auto"), or one forced.
+    local_engine: Literal["auto", "ctranslate2", "transformers"] = Field(
+        "auto", validation_alias="PERSONABOT_LOCAL_ENGINE")
     log_level: str = Field("WARNING", validation_alias="PERSONABOT_LOG_LEVEL")
 
     discord_token: str | None = Field(None, validation_alias="DISCORD_TOKEN")

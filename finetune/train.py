@@ -30,8 +30,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from bot.config import Settings
+from bot.models import ct2
 from bot.models.base import ModelError
-from bot.models.resolve import resolve_local
+from bot.models.resolve import LocalSource, resolve_local
 from finetune.data import (
     DataReport,
     Example,
@@ -252,6 +253,19 @@ def _config_record(config: FinetuneConfig) -> dict[str, Any]:
     return record
 
 
+def _convert_for_serving(out: Path, settings: Settings, echo: Callable[[str], None]) -> None:
+    """Write the CTranslate2 copy the bot serves the model with, so the persona's first reply does not wait for
+    it; where that fails the bot converts on first use or serves with transformers, so the run still stands."""
+    if settings.local_engine == "transformers":
+        return
+    if ct2.engine_for(LocalSource(str(out), str(out.resolve()), "folder")) == "ctranslate2":
+        echo(f"converting {out} for CTranslate2 ({ct2.QUANTIZATION})")
+        try:
+            ct2.convert(out)
+        except ModelError as exc:
+            echo(str(exc))
+
+
 def run(config: FinetuneConfig, settings: Settings, callbacks: list[TrainerCallback] | None = None,
         echo: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Train, evaluate and save; returns what was written to personabot-model.json. `echo` gets the data
@@ -335,6 +349,7 @@ def run(config: FinetuneConfig, settings: Settings, callbacks: list[TrainerCallb
     }
     write_metadata(out, meta)
     write_model_card(out, meta)
+    _convert_for_serving(out, settings, echo)
     if not config.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     echo(report(meta))

@@ -1,4 +1,7 @@
-"""The local transformers backend, on a tiny GPT-2 saved to disk and loaded back through the real loading path."""
+"""The local transformers engine, on a tiny GPT-2 saved to disk and loaded back through the real loading path.
+
+Every model here is loaded with `engine="transformers"` (tests/test_ct2.py covers the CTranslate2 engine, which
+`auto` picks for GPT-2), and the registry tests run with PERSONABOT_LOCAL_ENGINE=transformers."""
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +29,15 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def load(source, models_dir, **kwargs) -> LocalChatModel:
+    return LocalChatModel.load(source, models_dir, engine="transformers", **kwargs)
+
+
+@pytest.fixture
+def settings(settings):
+    return settings.model_copy(update={"local_engine": "transformers"})
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny")
@@ -33,7 +45,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_dir) -> LocalChatModel:
-    loaded = LocalChatModel.load(tiny_dir.name, tiny_dir.parent)
+    loaded = load(tiny_dir.name, tiny_dir.parent)
     yield loaded
     loaded.close()
 
@@ -101,7 +113,7 @@ def test_user_cannot_inject_an_end_of_turn_token(model):
 
 async def test_tokenizer_chat_template_is_used_when_present(tmp_path):
     folder = build_tiny_gpt2(tmp_path / "templated", chat_template=TEMPLATE)
-    templated = LocalChatModel.load(str(folder), tmp_path / "elsewhere")
+    templated = load(str(folder), tmp_path / "elsewhere")
     try:
         messages = user("Hi")
         assert templated.uses_chat_template
@@ -155,7 +167,7 @@ async def test_repetition_penalty_in_the_generation_config_is_applied_like_gener
     config = GenerationConfig.from_model_config(model.model.config)
     config.repetition_penalty = 1.8
     config.save_pretrained(folder)
-    penalised = LocalChatModel.load(str(folder), tmp_path)
+    penalised = load(str(folder), tmp_path)
     prompts = [user(c[0]["content"]) for c in conversations()[:2]]
     prompts[1] += [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Go on."}]  # longer
     try:
@@ -183,7 +195,7 @@ async def test_abandoned_stream_leaves_the_batch(model):
 
 
 async def test_full_queue_refuses_with_model_busy(tiny_dir):
-    busy = LocalChatModel.load(str(tiny_dir), tiny_dir.parent, max_batch=1, max_waiting=2)
+    busy = load(str(tiny_dir), tiny_dir.parent, max_batch=1, max_waiting=2)
     streams = [busy.stream(user("Hi"), GREEDY) for _ in range(3)]
     pending = []
     try:
@@ -203,7 +215,7 @@ async def test_full_queue_refuses_with_model_busy(tiny_dir):
 
 
 async def test_callers_who_gave_up_waiting_free_their_places_in_the_queue(tiny_dir):
-    busy = LocalChatModel.load(str(tiny_dir), tiny_dir.parent, max_batch=1, max_waiting=2)
+    busy = load(str(tiny_dir), tiny_dir.parent, max_batch=1, max_waiting=2)
     streams = [busy.stream(user("Hi"), GREEDY) for _ in range(3)]
     pending = []
     try:
@@ -270,9 +282,9 @@ def test_text_stream_never_emits_half_a_character(model):
 def test_missing_local_model_error_says_how_to_pull(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="personabot models pull smollm2"):
-        LocalChatModel.load("smollm2", tmp_path / "models")
+        load("smollm2", tmp_path / "models")
     with pytest.raises(ModelError, match="No GGUF file"):
-        LocalChatModel.load(str(tmp_path / "missing.gguf"), tmp_path / "models")
+        load(str(tmp_path / "missing.gguf"), tmp_path / "models")
 
 
 def test_models_list_describes_pulled_and_fine_tuned_models(tiny_dir, tmp_path, monkeypatch):
@@ -311,7 +323,7 @@ async def test_gguf_conversion_gives_a_model_folder_that_answers_like_the_origin
     replies = []
     (converted / "generation_config.json").unlink()  # compare like with like: the originals have no penalty
     for source in (str(folder), "converted", str(gguf_file)):
-        chat = LocalChatModel.load(source, tmp_path / "models")
+        chat = load(source, tmp_path / "models")
         try:
             replies.append(text(await collect(chat, messages)))
         finally:
@@ -341,10 +353,10 @@ def test_pull_unknown_model_names_the_pullable_ones(tmp_path):
 def loads(monkeypatch) -> list[LocalChatModel]:
     """Every model the registry really loads from disk, in order."""
     loaded = []
-    load = LocalChatModel.load.__func__
+    original = LocalChatModel.load.__func__
 
     def counted(cls, source, models_dir, **kwargs):
-        loaded.append(load(cls, source, models_dir, **kwargs))
+        loaded.append(original(cls, source, models_dir, **kwargs))
         return loaded[-1]
 
     monkeypatch.setattr(LocalChatModel, "load", classmethod(counted))

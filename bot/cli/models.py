@@ -27,13 +27,14 @@ def pull_model(
 
 @app.command("list")
 def list_local() -> None:
-    """Show the local models (pulled and fine-tuned) with their size."""
-    models_dir = Settings().models_dir
-    models = list_models(models_dir)
+    """Show the local models (pulled and fine-tuned) with their size and the engine that serves each."""
+    settings = Settings()
+    models_dir = settings.models_dir
+    models = list_models(models_dir, settings.local_engine)
     if not models:
         typer.echo(f"no local models in {models_dir}; run `personabot models pull smollm2`")
         return
     width = max(len(m.name) for m in models) + 2
     for m in models:
         detail = f"  {m.detail}" if m.detail else ""
-        typer.echo(f"{m.name:<{width}}{m.size_bytes / 1e6:>8.1f} MB  {m.kind:<10}{detail}")
+        typer.echo(f"{m.name:<{width}}{m.size_bytes / 1e6:>8.1f} MB  {m.kind:<10}  {m.engine:<12}{detail}")

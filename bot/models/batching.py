@@ -94,7 +94,7 @@ class Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     generated: int = 0
-    output_ids: list[int] = field(default_factory=list)  # what the repetition penalty sees besides the prompt
+    output_ids: list[int] = field(default_factory=list)  # the reply so far: the penalty's and a restart's input
     position: int = 0  # the position id of the next token fed to the model
     next_token: int = -1  # sampled but not yet in the KV cache
 
@@ -104,9 +104,36 @@ class Request:
         except RuntimeError:  # the conversation's event loop has closed: nobody is listening
             self.cancelled = True
 
+    def accept(self, token: int, stop_ids: set[int]) -> bool:
+        """Take the next generated token and stream the text it makes safe to show; the reply ends (last chunk,
+        with usage) on an end-of-turn token, a stop string or the token limit. True once it has ended: both
+        engines feed tokens through here, so they end replies alike."""
+        self.generated += 1
+        self.output_ids.append(token)
+        finish = None
+        piece = ""
+        if token in stop_ids:
+            finish = "stop"
+        else:
+            piece = self.text.push(token)
+            if self.text.stopped:
+                finish = "stop"
+            elif self.generated >= self.max_new_tokens:
+                finish = "length"
+        if finish and not self.text.stopped:
+            piece += self.text.flush()
+        if piece:
+            self.send(Chunk(text=piece))
+        if finish:
+            self.send(Chunk(finish_reason=finish, usage=Usage(len(self.prompt_ids), self.generated)))
+            self.cancelled = True
+        return finish is not None
+
 
 class BatchWorker:
     """The thread that owns a model and serves every request to it in one shared batch."""
+
+    engine = "transformers"
 
     def __init__(self, model, stop_ids: set[int], *, max_batch: int = 8, max_waiting: int = 32,
                  repetition_penalty: float = 1.0):
@@ -158,7 +185,7 @@ class BatchWorker:
                 self._thread = threading.Thread(target=self._run, name="personabot-local-model", daemon=True)
                 self._thread.start()
                 # Stop the thread before the interpreter tears torch down under it (which aborts the process).
-                atexit.register(_close_at_exit, weakref.ref(self))
+                atexit.register(close_at_exit, weakref.ref(self))
             self._wake.notify()
 
     def close(self) -> None:
@@ -235,26 +262,8 @@ class BatchWorker:
         """Sample each row's next token with its own settings and stream what it adds to the reply."""
         tokens = sample(logits, rows, self.repetition_penalty, self.stop_ids).tolist()
         for r, token in zip(rows, tokens):
-            r.next_token, r.generated = token, r.generated + 1
-            if self.repetition_penalty != 1.0:
-                r.output_ids.append(token)
-            finish = None
-            piece = ""
-            if token in self.stop_ids:
-                finish = "stop"
-            else:
-                piece = r.text.push(token)
-                if r.text.stopped:
-                    finish = "stop"
-                elif r.generated >= r.max_new_tokens:
-                    finish = "length"
-            if finish and not r.text.stopped:
-                piece += r.text.flush()
-            if piece:
-                r.send(Chunk(text=piece))
-            if finish:
-                r.send(Chunk(finish_reason=finish, usage=Usage(len(r.prompt_ids), r.generated)))
-                r.cancelled = True
+            r.next_token = token
+            r.accept(token, self.stop_ids)
 
     def _merge(self, arrivals: list[Request], cache: DynamicCache, mask: torch.Tensor) -> None:
         if not self._active:
@@ -303,7 +312,8 @@ def penalize_repeats(logits: torch.Tensor, rows: list[Request], penalty: float, 
     return penalized
 
 
-def _close_at_exit(worker: weakref.ref[BatchWorker]) -> None:
+def close_at_exit(worker: weakref.ref) -> None:
+    """Stop a worker's threads before the interpreter tears down the library they are running in."""
     if (alive := worker()) is not None:
         alive.close()
 

@@ -1,9 +1,10 @@
-"""Local transformers models (SmolLM2, GPT-2 fine-tunes, any causal LM) behind the `ChatModel` interface.
+"""Local models (SmolLM2, GPT-2 fine-tunes, any causal LM) behind the `ChatModel` interface.
 
 Loading accepts what a server admin is likely to have (see `bot.models.resolve`): a name under
-`<data dir>/models/`, a model folder, a `.gguf` file, or a Hugging Face Hub id. Generation runs in one worker
-thread per model with continuous batching (`bot.models.batching`), so the event loop never waits on torch and
-many channels share the model at once.
+`<data dir>/models/`, a model folder, a `.gguf` file, or a Hugging Face Hub id. Two engines generate: CTranslate2
+(`bot.models.ct2`, int8, for every folder whose architecture it converts) and transformers with continuous
+batching (`bot.models.batching`: `.gguf` files, Hub ids and the rest). Each runs off the event loop and lets many
+channels share the model at once; this class holds what both share, so they prompt, stop and stream alike.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from transformers.utils import logging as hf_logging
 
-from bot.models import chat_format
+from bot.models import chat_format, ct2
 from bot.models.base import Chunk, ContextLengthError, GenParams, Message, ModelError
 from bot.models.batching import BatchWorker, Request, TextStream
 from bot.models.resolve import PULL_HINT, LocalSource, resolve_local
@@ -30,19 +31,17 @@ log = logging.getLogger(__name__)
 
 
 class LocalChatModel:
-    """A causal LM from transformers, served to many conversations at once.
+    """A causal LM served to many conversations at once by `worker`, a `BatchWorker` or a `CT2Worker`.
 
     `context_window` is the model's own; a shallow copy with a lower one (what `ModelRegistry` hands a persona
     that asks for less) shares the weights, tokenizer and worker, and is held to its lower window.
     """
 
-    def __init__(self, name: str, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 32):
+    def __init__(self, name: str, tokenizer, worker: BatchWorker | ct2.CT2Worker, context_window: int):
         self.name = name
         self.tokenizer = tokenizer
-        model.eval()
-        config = model.config
-        self.context_window = int(getattr(config, "n_positions", None)
-                                  or getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
+        self.worker = worker
+        self.context_window = context_window
         # Counting a long history is how trimming works, not an error: stop the tokenizer warning about it.
         tokenizer.model_max_length = VERY_LARGE_INTEGER
         self.uses_chat_template = bool(tokenizer.chat_template)
@@ -51,11 +50,11 @@ class LocalChatModel:
         self._stops: tuple[str, ...] = () if self.uses_chat_template else tuple(
             "\n" + header.rstrip("\n") for header in chat_format.ROLE_HEADER.values())
         self._specials = [t for t in tokenizer.all_special_tokens if t]
-        # The model's own generation config may ask for a repetition penalty (`models pull smollm2` sets one);
-        # honouring it keeps replies the same as `model.generate` gives.
-        penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None) or 1.0
-        self.worker = BatchWorker(model, _stop_ids(model, tokenizer), max_batch=max_batch, max_waiting=max_waiting,
-                                  repetition_penalty=penalty)
+
+    @property
+    def engine(self) -> str:
+        """`ctranslate2` or `transformers`: which one generates (what `personabot models list` shows)."""
+        return self.worker.engine
 
     @property
     def model(self):
@@ -63,26 +62,44 @@ class LocalChatModel:
         return self.worker.model
 
     @classmethod
-    def load(cls, source: str | LocalSource, models_dir: Path, **kwargs) -> LocalChatModel:
+    def load(cls, source: str | LocalSource, models_dir: Path, *, engine: ct2.Engine = "auto", max_batch: int = 8,
+             max_waiting: int = 32, lanes: int = 2) -> LocalChatModel:
         """Load `source`: a name under `models_dir`, a model folder, a `.gguf` file, a Hub id, or one already
         resolved (the registry resolves first, to know whether it has the model already). A path under the data
-        dir is looked for under `models_dir`'s parent, which is where `Settings` puts it."""
+        dir is looked for under `models_dir`'s parent, which is where `Settings` puts it. `engine` "auto" means
+        CTranslate2 wherever it converts the model, converting a folder once on its first use."""
         if isinstance(source, str):
             source = resolve_local(source, models_dir, Path(models_dir).parent)
-        _limit_threads()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "auto" if device == "cuda" else torch.float32
         hub = source.kind == "hub"
+        chosen = ct2.engine_for(source, engine)
         try:
             # A bar for a sub-second load from disk is noise in the chat; a Hub download keeps its bar.
             with _progress_bars(shown=hub):
                 tokenizer = AutoTokenizer.from_pretrained(source.target, **source.options)
-                model = AutoModelForCausalLM.from_pretrained(source.target, dtype=dtype, **source.options).to(device)
+                generator = _load_ctranslate2(source, engine, lanes) if chosen == "ctranslate2" else None
+                if generator is None:
+                    model = _load_transformers(source)
+                    config, generation = model.config, model.generation_config
+                else:
+                    config = AutoConfig.from_pretrained(source.target)
+                    generation = _generation_config(source.target, config)
         except (OSError, ValueError, ImportError) as exc:
             where = f"'{source.name}' (not under {models_dir}, not a file)" if hub else source.target
             raise ModelError(f"Could not load the local model {where}: {exc}. {PULL_HINT}") from exc
-        log.info("loaded local model %s on %s", source.name, device)
-        return cls(source.name, model, tokenizer, **kwargs)
+        stop_ids = _stop_ids(generation, config, tokenizer)
+        # The model's own generation config may ask for a repetition penalty (`models pull smollm2` sets one, or
+        # it loops on its own phrases); each engine applies it as its library does (`bot.models.ct2` says how).
+        penalty = getattr(generation, "repetition_penalty", None) or 1.0
+        if generator is None:
+            worker = BatchWorker(model, stop_ids, max_batch=max_batch, max_waiting=max_waiting,
+                                 repetition_penalty=penalty)
+        else:
+            worker = ct2.CT2Worker(generator, tokenizer, stop_ids, repetition_penalty=penalty, max_batch=max_batch,
+                                   max_waiting=max_waiting, lanes=lanes)
+        window = int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+                     or tokenizer.model_max_length)
+        log.info("loaded local model %s with %s", source.name, worker.engine)
+        return cls(source.name, tokenizer, worker, window)
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """The token ids the model sees: its own chat template when it has one, else personabot's chat format."""
@@ -119,7 +136,7 @@ class LocalChatModel:
             request.cancelled = True  # a reader that stops listening frees its place in the batch
 
     def close(self) -> None:
-        """Stop the worker thread and free the weights' memory (RAM, or GPU memory back to the driver)."""
+        """Stop the worker and free the weights' memory (RAM, or GPU memory back to the driver)."""
         self.worker.close()
         gc.collect()  # modules hold reference cycles: without a collection the weights outlive the close
         if torch.cuda.is_available():
@@ -132,9 +149,37 @@ class LocalChatModel:
         return text
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
+def _load_ctranslate2(source: LocalSource, wanted: ct2.Engine, lanes: int):
+    """The CTranslate2 generator, or None where converting failed (a read-only folder, say) and `wanted` lets
+    transformers serve instead: a model that answers slowly beats one that does not answer."""
+    try:
+        return ct2.load_generator(Path(source.target), lanes=lanes)
+    except ModelError as exc:
+        if wanted == "ctranslate2":
+            raise
+        log.warning("serving %s with transformers: %s", source.name, exc)
+        return None
+
+
+def _generation_config(folder: str, config) -> GenerationConfig:
+    """What `from_pretrained` would give the model: its generation_config.json, else its config's defaults."""
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def _load_transformers(source: LocalSource):
+    _limit_threads()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "auto" if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source.target, dtype=dtype, **source.options).to(device)
+    return model.eval()
+
+
+def _stop_ids(generation, config, tokenizer) -> set[int]:
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+    for source in (generation, config, tokenizer):
         value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)

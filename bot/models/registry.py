@@ -4,7 +4,8 @@ Local models take seconds to load and hundreds of MB of memory, so each one is l
 loop, and shared by every persona and channel that names it, whatever context window each persona asks for:
 a persona's window is a view over the shared model, not a model of its own. At most
 `settings.max_local_models` stay loaded; loading one more closes the least recently used and frees its
-memory, but never under a reply still streaming from it: replies hold their model with `use`.
+memory, but never under a reply still streaming from it: replies hold their model with `use`. Each is served by
+the engine `settings.local_engine` picks: CTranslate2 wherever it converts the model, unless one is forced.
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ class ModelRegistry:
             if (entry := self._find(key)) is None:
                 # Room first: the bound exists so that two models never need the memory at once.
                 await self._evict(keep=self.settings.max_local_models - 1)
-                model = await asyncio.to_thread(LocalChatModel.load, source, self.settings.models_dir)
+                model = await asyncio.to_thread(LocalChatModel.load, source, self.settings.models_dir,
+                                                engine=self.settings.local_engine)
                 entry = self._local[key] = _Loaded(model)
             return entry
 
