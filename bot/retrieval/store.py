@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS given_names (    -- what an uploader called a file sa
     given TEXT NOT NULL
 );
 """
+LEXICAL_ROWS = 4000  # passages BM25 may rank per query; see Store._rarest
 _WORD = re.compile(r"[^\W_](?:[\w.\-/:]*[^\W_])?", re.UNICODE)
 
 
@@ -130,6 +131,8 @@ class Store:
         self.lock = threading.RLock()
         self.reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.read_lock = threading.Lock()
+        self._frequency: dict[str, int] = {}  # term: passages holding it, for `_rarest`
+        self._frequency_of: int | None = None  # the reader's data_version those counts were taken at
 
     def close(self) -> None:
         with self.lock, self.read_lock:
@@ -237,6 +240,16 @@ class Store:
         return [r[0] for r in self.reader.execute("SELECT DISTINCT collection FROM files ORDER BY collection")]
 
     @_reading
+    def sources(self, ids: list[int]) -> dict[int, str]:
+        """The document each chunk belongs to, for ranking documents before passages."""
+        out: dict[int, str] = {}
+        for first in range(0, len(ids), 500):
+            part = ids[first : first + 500]
+            marks = ",".join("?" * len(part))
+            out.update(self.reader.execute(f"SELECT id, source FROM chunks WHERE id IN ({marks})", part).fetchall())
+        return out
+
+    @_reading
     def chunks(self, ids: list[int]) -> dict[int, StoredChunk]:
         if not ids:
             return {}
@@ -256,6 +269,8 @@ class Store:
         terms = sorted({w.lower() for w in _WORD.findall(query)})
         if not terms:
             return []
+        if not every:
+            terms = self._rarest(terms)
         match = (" AND " if every else " OR ").join('"' + t.replace('"', '""') + '"' for t in terms)
         sql = ("SELECT c.id FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid WHERE chunks_fts MATCH ?")
         params: list = [match]
@@ -264,6 +279,28 @@ class Store:
             params += collections
         sql += " ORDER BY bm25(chunks_fts, 0.5, 1.0) LIMIT ?"
         return [r[0] for r in self.reader.execute(sql, [*params, limit])]
+
+    def _rarest(self, terms: list[str]) -> list[str]:
+        """The rarest terms whose passages add up to LEXICAL_ROWS (at least two terms): BM25 ranks every
+        passage holding any query word, and common words cost most while deciding least (low IDF). Document
+        frequencies are counted once per term and forgotten when the index changes. Called under the read lock."""
+        if len(terms) <= 2:
+            return terms
+        generation = self.reader.execute("PRAGMA data_version").fetchone()[0]  # changes with every other commit
+        if self._frequency_of != generation:
+            self._frequency, self._frequency_of = {}, generation
+        for term in terms:
+            if term not in self._frequency:
+                self._frequency[term] = self.reader.execute(
+                    "SELECT COUNT(*) FROM chunks_fts WHERE chunks_fts MATCH ?", ['"' + term.replace('"', '""') + '"']
+                ).fetchone()[0]
+        kept, rows = [], 0
+        for term in sorted(terms, key=lambda t: self._frequency[t]):
+            if len(kept) >= 2 and rows + self._frequency[term] > LEXICAL_ROWS:
+                break
+            kept.append(term)
+            rows += self._frequency[term]
+        return sorted(kept)
 
     @_reading
     def stats(self) -> list[tuple[str, int, int, int]]:
