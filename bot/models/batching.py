@@ -130,6 +130,16 @@ class Request:
         return finish is not None
 
 
+def admit(waiting: deque, max_waiting: int, in_flight: int) -> deque:
+    """The waiting line with room for one more request, or ModelBusy; callers who gave up waiting hold no place."""
+    if len(waiting) >= max_waiting:
+        waiting = deque(r for r in waiting if not r.cancelled)
+    if len(waiting) >= max_waiting:
+        busy = len(waiting) + in_flight
+        raise ModelBusy(f"The local model is busy with {busy} conversations; try again in a moment.")
+    return waiting
+
+
 class BatchWorker:
     """The thread that owns a model and serves every request to it in one shared batch."""
 
@@ -175,11 +185,7 @@ class BatchWorker:
         with self._wake:
             if self._closed:
                 raise ModelError("The local model has been shut down.")
-            if len(self._waiting) >= self.max_waiting:  # callers who gave up waiting hold no place
-                self._waiting = deque(r for r in self._waiting if not r.cancelled)
-            if len(self._waiting) >= self.max_waiting:
-                busy = self.queued + self.in_flight
-                raise ModelBusy(f"The local model is busy with {busy} conversations; try again in a moment.")
+            self._waiting = admit(self._waiting, self.max_waiting, self.in_flight)
             self._waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="personabot-local-model", daemon=True)

@@ -38,8 +38,8 @@ from typing import Literal
 
 import ctranslate2
 
-from bot.models.base import GenParams, ModelBusy, ModelError
-from bot.models.batching import Request, close_at_exit
+from bot.models.base import GenParams, ModelError
+from bot.models.batching import Request, admit, close_at_exit
 from bot.models.resolve import LocalSource
 
 log = logging.getLogger(__name__)
@@ -164,11 +164,7 @@ class CT2Worker:
         with self._lock:
             if self._closed:
                 raise ModelError("The local model has been shut down.")
-            if len(self._waiting) >= self.max_waiting:  # callers who gave up waiting hold no place
-                self._waiting = deque(r for r in self._waiting if not r.cancelled)
-            if len(self._waiting) >= self.max_waiting:
-                busy = self.queued + self.in_flight
-                raise ModelBusy(f"The local model is busy with {busy} conversations; try again in a moment.")
+            self._waiting = admit(self._waiting, self.max_waiting, self.in_flight)
             self._waiting.append(request)
             self._place()
 
