@@ -28,7 +28,7 @@ from slack_api import BOT_TOKEN, BOT_USER, SIGNING_SECRET, FakeSlackApi, SlackAp
 
 from bot.config import Settings  # noqa: E402
 from bot.engine import Engine  # noqa: E402
-from bot.platforms.slack_bot import create_slack_app, create_web_app  # noqa: E402
+from bot.platforms.slack_http import create_slack_app, create_web_app  # noqa: E402
 
 ANSWER_WORDS = 120  # a paragraph-sized answer, streamed word by word
 

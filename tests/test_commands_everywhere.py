@@ -14,7 +14,7 @@ from aiohttp import web
 
 from bot import commands
 from bot.engine import Engine
-from bot.platforms.slack_bot import create_slack_app, create_web_app
+from bot.platforms.slack_http import create_slack_app, create_web_app
 from bot.platforms.slack_format import to_mrkdwn
 from bot.platforms.terminal import chat
 from openai_server import openai_server  # noqa: F401  (fixture)

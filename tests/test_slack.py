@@ -18,7 +18,8 @@ from aiohttp import web
 from bot.config import Settings
 from bot.conversation import ConvKey
 from bot.engine import Engine
-from bot.platforms.slack_bot import SlackBot, SlackConfigError, create_slack_app, create_web_app, run_slack
+from bot.platforms.slack_bot import SlackBot
+from bot.platforms.slack_http import SlackConfigError, create_slack_app, create_web_app, run_slack
 from bot.platforms.slack_format import MESSAGE_LIMIT, safe_to_send, to_mrkdwn
 from bot.render import open_fence
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.platforms.slack_bot import _Recent, create_slack_app, create_web_app, run_slack
+from bot.platforms.slack_bot import _Recent
+from bot.platforms.slack_http import create_slack_app, create_web_app, run_slack
 from bot.platforms.slack_replay import ReplayGuard
 from bot.platforms.slack_reply import ChannelPacer, ThreadReply
 from openai_server import Reply, openai_server  # noqa: F401  (fixture)

@@ -17,7 +17,7 @@ from aiohttp import web
 from bot.config import Settings
 from bot.conversation import ConvKey
 from bot.engine import Engine
-from bot.platforms.slack_bot import create_slack_app, create_web_app
+from bot.platforms.slack_http import create_slack_app, create_web_app
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
 from slack_api import BOT_TOKEN, BOT_USER, SIGNING_SECRET, FakeSlackApi, SlackApp, sign
 

@@ -70,7 +70,7 @@ def run(
     ] = None,
 ) -> None:
     """Start every platform whose credentials are set (Discord, Slack over HTTP or Socket Mode)."""
-    from bot.platforms.slack_bot import slack_configured
+    from bot.platforms.slack_http import slack_configured
 
     settings = Settings()
     wanted = set(platform or Platform)
@@ -114,7 +114,7 @@ async def _run_platforms(settings: Settings, *, discord: bool, slack: bool) -> N
 
         tasks.append(asyncio.create_task(run_discord(engine, settings), name="discord"))
     if slack:
-        from bot.platforms.slack_bot import run_slack
+        from bot.platforms.slack_http import run_slack
 
         tasks.append(asyncio.create_task(run_slack(engine, settings), name="slack"))
     if engine.retriever is not None:

@@ -1,0 +1,175 @@
+"""Slack over HTTP: the bolt app, and the aiohttp server in front of it (`POST /slack/events`, health,
+metrics, persona avatars), or Socket Mode.
+
+Every request's signature and timestamp are checked over the raw body in the route before bolt parses it (a
+forged body must cost a 401, not a parser error), a signed request seen before is refused there
+(slack_replay.py), and bolt's own verification checks again. The listeners themselves are in slack_bot.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.app.async_app import AsyncApp
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import metrics
+from bot.config import Settings
+from bot.personas import read_avatar
+from bot.platforms.slack_bot import SlackBot
+from bot.platforms.slack_replay import ReplayGuard
+
+if TYPE_CHECKING:
+    from bot.engine import Engine
+
+log = logging.getLogger(__name__)
+
+SLACK_API_URL = "https://slack.com/api/"
+
+
+class SlackConfigError(ValueError):
+    """Slack credentials that cannot start either mode; the message names the missing variable."""
+
+
+def slack_configured(settings: Settings) -> bool:
+    """Whether `personabot run` should start Slack at all."""
+    return bool(settings.slack_bot_token and (settings.slack_app_token or settings.slack_signing_secret))
+
+
+def _web_client(settings: Settings) -> AsyncWebClient:
+    base_url = settings.slack_api_url or SLACK_API_URL
+    return AsyncWebClient(
+        token=settings.slack_bot_token,
+        base_url=base_url if base_url.endswith("/") else base_url + "/",
+        retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
+    )
+
+
+class PersonabotApp(AsyncApp):
+    """bolt's app, carrying the settings its HTTP route (`create_web_app`) checks requests with before bolt."""
+
+    def __init__(self, settings: Settings, **kwargs: Any):
+        super().__init__(signing_secret=settings.slack_signing_secret or "", **kwargs)
+        self.settings = settings
+
+
+def create_slack_app(engine: "Engine", settings: Settings) -> PersonabotApp:
+    """The bolt app with every listener registered; serve it with `create_web_app` or Socket Mode."""
+    if not settings.slack_bot_token:
+        raise SlackConfigError("SLACK_BOT_TOKEN is not set (the bot token, xoxb-…, from the app's OAuth page).")
+    if not (settings.slack_signing_secret or settings.slack_app_token):
+        raise SlackConfigError(
+            "Set SLACK_SIGNING_SECRET to receive events over HTTP, or SLACK_APP_TOKEN (xapp-…) for Socket Mode."
+        )
+    app = PersonabotApp(
+        settings,
+        client=_web_client(settings),
+        process_before_response=False,  # ack goes back at once; the listener keeps running after it
+    )
+    SlackBot(engine).register(app)
+    return app
+
+
+def create_web_app(slack_app: PersonabotApp | None, *, metrics_token: str | None = None,
+                   personas_dir: Path | None = None) -> web.Application:
+    """`GET /healthz` and `GET /metrics` for the host, and `POST /slack/events` (events and slash commands)
+    when Slack talks over HTTP. In Socket Mode there is no signing secret, so that route is left out. With a
+    `metrics_token`, /metrics answers only `Authorization: Bearer <token>`. `GET /avatars/NAME` serves the
+    persona avatar files in `personas_dir` (default: the Slack app's), which Slack and Discord fetch."""
+    if personas_dir is None and slack_app is not None:
+        personas_dir = slack_app.settings.personas_dir
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def metrics_text(request: web.Request) -> web.Response:
+        if metrics_token and not _bearer_is(request, metrics_token):
+            return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def avatar(request: web.Request) -> web.Response:
+        found = read_avatar(personas_dir, request.match_info["file"]) if personas_dir is not None else None
+        if found is None:
+            return web.Response(status=404)
+        data, content_type = found
+        return web.Response(body=data, content_type=content_type, headers={"Cache-Control": "max-age=3600"})
+
+    app = web.Application()
+    app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_text),
+                    web.get("/avatars/{file}", avatar)])
+    if slack_app is not None:
+        app.add_routes([web.post("/slack/events", _events_route(slack_app, app))])
+    return app
+
+
+def _events_route(slack_app: PersonabotApp, web_app: web.Application):
+    """`POST /slack/events`: signature first, over the raw bytes, then once per request, then bolt."""
+    verifier = SignatureVerifier(slack_app.settings.slack_signing_secret or "")
+    replays = ReplayGuard(slack_app.settings.db_path)
+
+    async def close_replays(_: web.Application) -> None:
+        await replays.close()
+
+    web_app.on_cleanup.append(close_replays)
+
+    async def events(request: web.Request) -> web.Response:
+        body = await request.read()
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature", "")
+        try:
+            signed = verifier.is_valid(body, timestamp, signature)
+        except (ValueError, TypeError):  # a timestamp that is no number, a body or signature that is no text
+            signed = False
+        if not signed:
+            log.info("refused a Slack request with a missing, bad or stale signature")
+            return web.Response(status=401)
+        if not await replays.first_time(int(timestamp), signature):
+            log.info("refused a replayed Slack request (timestamp %s)", timestamp)
+            # An event's copy gets the empty 200 an event retry gets; a command or form copy is refused.
+            return web.Response(status=200 if request.content_type == "application/json" else 401)
+        return await to_aiohttp_response(await slack_app.async_dispatch(await to_bolt_request(request)))
+
+    return events
+
+
+def _bearer_is(request: web.Request, token: str) -> bool:
+    """Constant-time, so the token cannot be guessed a character at a time from response times."""
+    given = request.headers.get("Authorization", "").encode(errors="surrogateescape")
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+async def run_slack(engine: "Engine", settings: Settings) -> None:
+    """Serve Slack until cancelled: Socket Mode when SLACK_APP_TOKEN is set, else events over HTTP. Either
+    way `$PORT` answers `/healthz` and `/metrics`, so the Procfile's web process is healthy in both modes."""
+    slack_app = create_slack_app(engine, settings)
+    socket_mode = bool(settings.slack_app_token)
+    web_app = create_web_app(None if socket_mode else slack_app, metrics_token=settings.metrics_token,
+                             personas_dir=settings.personas_dir)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.bind_address, settings.port).start()
+    log.info("Slack: listening on %s port %d (%s)", settings.bind_address, settings.port,
+             "GET /healthz, GET /metrics" if socket_mode else "POST /slack/events, GET /healthz, GET /metrics")
+    try:
+        if socket_mode:
+            from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+
+            handler = AsyncSocketModeHandler(slack_app, settings.slack_app_token)
+            try:
+                await handler.connect_async()
+                log.info("Slack: connected in Socket Mode")
+                await asyncio.Event().wait()
+            finally:
+                await handler.close_async()
+        else:
+            await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
