@@ -17,3 +17,21 @@ def settings(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return Settings(_env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge")
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """One MiniLM for the whole session: loading it takes seconds, encoding a test's documents milliseconds."""
+    from bot.retrieval.embed import Embedder
+
+    return Embedder.shared()
+
+
+@pytest.fixture
+async def retriever(settings, embedder):
+    """The real knowledge index (MiniLM, FAISS, FTS5) in the test's own folders."""
+    from bot.retrieval import Retriever
+
+    retriever = await Retriever.open(settings, embedder=embedder)
+    yield retriever
+    await retriever.close()

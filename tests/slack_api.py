@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode
 
@@ -272,3 +273,19 @@ class SlackApp:
         """The signed `view_submission`; `timestamp` and `signature` forge or replay it."""
         return await self.post(self.view_submission_body(view, values, user=user, team=team),
                                "application/x-www-form-urlencoded", timestamp=timestamp, signature=signature)
+
+
+def slack_settings(tmp_path: Path, personas: dict[str, str], model_url: str, api: FakeSlackApi, **extra: Any):
+    """Settings for a bot that talks to this fake Slack and the local model server, with `personas` (name →
+    YAML) written to its own folder."""
+    from bot.config import Settings
+
+    folder = tmp_path / "personas"
+    folder.mkdir(exist_ok=True)
+    for name, text in personas.items():
+        (folder / f"{name}.yaml").write_text(text)
+    return Settings(
+        _env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_PERSONAS_DIR=folder,
+        PERSONABOT_BACKEND="openai", OPENAI_BASE_URL=model_url, OPENAI_API_KEY="sk-test",
+        SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_SIGNING_SECRET=SIGNING_SECRET, SLACK_API_URL=api.api_url, **extra,
+    )

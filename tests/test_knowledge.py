@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from bot.config import Settings
 from bot.retrieval import Retriever, UploadRefused
-from bot.retrieval.embed import Embedder
 from bot.retrieval.parse import parse
 
 HANDBOOK = """\
@@ -30,19 +29,6 @@ Laptops are replaced every three years. Ask the IT desk on the second floor.
 
 Badges must be worn visibly at all times inside the building.
 """
-
-
-@pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    """One MiniLM for the whole session: loading it takes seconds, encoding a test's documents milliseconds."""
-    return Embedder.shared()
-
-
-@pytest.fixture
-async def retriever(settings, embedder):
-    retriever = await Retriever.open(settings, embedder=embedder)
-    yield retriever
-    await retriever.close()
 
 
 def folder_files(settings: Settings) -> list[str]:

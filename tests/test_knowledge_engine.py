@@ -12,7 +12,6 @@ from bot.history import HistoryStore
 from bot.models.registry import ModelRegistry
 from bot.personas import PersonaLibrary
 from bot.retrieval import Retriever
-from bot.retrieval.embed import Embedder
 
 LIBRARIAN = """\
 name: librarian
@@ -24,11 +23,6 @@ knowledge: [handbook]
 HANDBOOK = "# Handbook\n\n## Holidays\n\nEvery employee gets 27 days of paid holiday a year.\n"
 CHANNEL = ConvKey("terminal", "local", "general")
 ADMIN = Incoming(CHANNEL, "boss", "", user_name="boss", role=Role.ADMIN)
-
-
-@pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    return Embedder.shared()
 
 
 @pytest.fixture

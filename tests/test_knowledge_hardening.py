@@ -12,7 +12,7 @@ import time
 import zlib
 
 import pytest
-from test_knowledge import HANDBOOK, embedder, folder_files, retriever  # noqa: F401  (fixtures)
+from test_knowledge import HANDBOOK, folder_files
 
 from bot.retrieval import UploadRefused
 from bot.retrieval import parse as parsing

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from bot.config import Settings
 from bot.conversation import Workspace
 from bot.retrieval import Retriever, UploadRefused
-from bot.retrieval.embed import Embedder
 
 A = Workspace("slack", "T1")
 B = Workspace("discord", "42")
@@ -20,18 +19,6 @@ HANDBOOK = "# Handbook\n\n## Holidays\n\nEvery employee gets 27 days of paid hol
 VAULT = "# Vault\n\n## Access\n\nThe vault door code is 4471 and only the night shift knows it.\n"
 PARKING_A = "# Parking\n\n## Visitors\n\nVisitors park on level B2, next to the blue lifts.\n"
 PARKING_B = "# Parking\n\n## Visitors\n\nVisitors park in the open lot behind the warehouse.\n"
-
-
-@pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    return Embedder.shared()
-
-
-@pytest.fixture
-async def retriever(settings, embedder):
-    retriever = await Retriever.open(settings, embedder=embedder)
-    yield retriever
-    await retriever.close()
 
 
 def own_folder(settings: Settings, workspace: Workspace):

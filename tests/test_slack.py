@@ -23,7 +23,7 @@ from bot.platforms.slack_http import SlackConfigError, create_slack_app, create_
 from bot.platforms.slack_format import MESSAGE_LIMIT, safe_to_send, to_mrkdwn
 from bot.render import open_fence
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
-from slack_api import APP_TOKEN, BOT_TOKEN, BOT_USER, SIGNING_SECRET, TEAM, FakeSlackApi, SlackApp, sign
+from slack_api import APP_TOKEN, BOT_USER, TEAM, FakeSlackApi, SlackApp, sign, slack_settings
 
 ADMIN = "UADMIN"
 
@@ -54,23 +54,10 @@ async def api():
 
 @pytest.fixture
 def config(tmp_path, settings, openai_server, api) -> Settings:  # `settings` clears the host's environment
-    personas = tmp_path / "personas"
-    personas.mkdir()
-    for name, text in PERSONAS.items():
-        (personas / f"{name}.yaml").write_text(text)
-    (personas / "polly.png").write_bytes(PNG)
-    (personas / "fake.png").write_text("name: not an image\n")
-    return Settings(
-        _env_file=None,
-        PERSONABOT_DATA_DIR=tmp_path / "data",
-        PERSONABOT_PERSONAS_DIR=personas,
-        PERSONABOT_BACKEND="openai",
-        OPENAI_BASE_URL=openai_server.base_url,
-        OPENAI_API_KEY="sk-test",
-        SLACK_BOT_TOKEN=BOT_TOKEN,
-        SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        SLACK_API_URL=api.api_url,
-    )
+    config = slack_settings(tmp_path, PERSONAS, openai_server.base_url, api)
+    (config.personas_dir / "polly.png").write_bytes(PNG)
+    (config.personas_dir / "fake.png").write_text("name: not an image\n")
+    return config
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from bot.conversation import ConvKey
 from bot.engine import Engine
 from bot.platforms.slack_http import create_slack_app, create_web_app
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
-from slack_api import BOT_TOKEN, BOT_USER, SIGNING_SECRET, FakeSlackApi, SlackApp, sign
+from slack_api import BOT_USER, FakeSlackApi, SlackApp, sign, slack_settings
 
 T1, T2 = "T1", "T2"
 ADMIN1, ADMIN2 = "UADMIN1", "UADMIN2"  # T1's admin, T2's admin
@@ -54,24 +54,9 @@ async def api():
 
 @pytest.fixture
 def config(tmp_path, settings, openai_server, api) -> Settings:  # `settings` clears the host's environment
-    personas = tmp_path / "personas"
-    personas.mkdir()
-    for name, text in PERSONAS.items():
-        (personas / f"{name}.yaml").write_text(text)
-    return Settings(
-        _env_file=None,
-        PERSONABOT_DATA_DIR=tmp_path / "data",
-        PERSONABOT_PERSONAS_DIR=personas,
-        PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge",
-        PERSONABOT_BACKEND="openai",
-        PERSONABOT_ALLOWED_MODELS="gpt-4o-mini,gpt-4o",
-        PERSONABOT_MAX_REPLY_TOKENS=2048,
-        OPENAI_BASE_URL=openai_server.base_url,
-        OPENAI_API_KEY="sk-test",
-        SLACK_BOT_TOKEN=BOT_TOKEN,
-        SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        SLACK_API_URL=api.api_url,
-    )
+    return slack_settings(tmp_path, PERSONAS, openai_server.base_url, api,
+                          PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge",
+                          PERSONABOT_ALLOWED_MODELS="gpt-4o-mini,gpt-4o", PERSONABOT_MAX_REPLY_TOKENS=2048)
 
 
 async def serve(engine: Engine, config: Settings, api: FakeSlackApi, model: OpenAIServer):
