@@ -13,9 +13,12 @@ from enum import Enum
 
 from bot.conversation import Workspace
 from bot.history import HistoryStore
+from bot.history_cache import MISSING, Recent
 from bot.personas import Persona, PersonaError, PersonaLibrary, UnknownPersona, dump_persona, parse_persona
 
 log = logging.getLogger(__name__)
+
+CACHED_WORKSPACES = 10_000
 
 
 class Origin(str, Enum):
@@ -35,7 +38,9 @@ class PersonaCatalog:
     def __init__(self, library: PersonaLibrary, history: HistoryStore):
         self.library = library
         self.history = history
-        self._own: dict[Workspace, dict[str, tuple[Persona, bool]]] = {}
+        # Workspace -> its own personas, least recently used first out: a bot in thousands of servers keeps
+        # only the active ones in memory.
+        self._own = Recent(CACHED_WORKSPACES)
         self._lock = asyncio.Lock()
 
     async def entries(self, workspace: Workspace) -> dict[str, Entry]:
@@ -61,11 +66,11 @@ class PersonaCatalog:
         text = dump_persona(persona)
         parse_persona(text, f"{workspace}:{persona.name}")  # never store what would then refuse to load
         await self.history.save_workspace_persona(workspace, persona.name, text, saved_by=saved_by, by_owner=by_owner)
-        self._own.pop(workspace, None)
+        self._own.forget(workspace)
 
     async def delete(self, workspace: Workspace, name: str, *, saved_by: str) -> None:
         await self.history.save_workspace_persona(workspace, name, None, saved_by=saved_by, by_owner=False)
-        self._own.pop(workspace, None)
+        self._own.forget(workspace)
 
     async def own(self, workspace: Workspace) -> list[Persona]:
         """The personas the workspace made itself (for export), by name."""
@@ -73,10 +78,10 @@ class PersonaCatalog:
 
     async def _own_personas(self, workspace: Workspace) -> dict[str, tuple[Persona, bool]]:
         cached = self._own.get(workspace)
-        if cached is not None:
+        if cached is not MISSING:
             return cached
         async with self._lock:
-            if (cached := self._own.get(workspace)) is not None:
+            if (cached := self._own.get(workspace)) is not MISSING:
                 return cached
             own: dict[str, tuple[Persona, bool]] = {}
             for name, (text, by_owner) in (await self.history.workspace_personas(workspace)).items():
@@ -84,5 +89,5 @@ class PersonaCatalog:
                     own[name] = (parse_persona(text, f"{workspace}:{name}"), by_owner)
                 except PersonaError as exc:  # stored by an older version with looser rules: skip, say why
                     log.error("workspace persona %s:%s no longer validates:\n%s", workspace, name, exc)
-            self._own[workspace] = own
+            self._own.put(workspace, own)
             return own
