@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     bind_address: str = Field("0.0.0.0", validation_alias="PERSONABOT_BIND_ADDRESS")
     # When set, GET /metrics answers only requests with `Authorization: Bearer <token>`.
     metrics_token: str | None = Field(None, validation_alias="PERSONABOT_METRICS_TOKEN")
+    # The https address $PORT is reachable at, so Discord and Slack can fetch persona avatar files from it.
+    public_url: str | None = Field(None, validation_alias="PERSONABOT_PUBLIC_URL")
 
     @field_validator("admins", "allowed_models", mode="before")
     @classmethod

@@ -298,12 +298,6 @@ def dump_persona(persona: Persona) -> str:
 # ---------------------------------------------------------------------------------------------------- avatars
 
 
-def public_url() -> str | None:
-    """PERSONABOT_PUBLIC_URL: the https address `GET /avatars/…` is reachable at, which Discord and Slack
-    fetch avatar files from. (Read here until bot/config.py's Settings carries it.)"""
-    return os.environ.get("PERSONABOT_PUBLIC_URL") or None
-
-
 def avatar_url(persona: Persona, public_url: str | None) -> str | None:
     """The image URL a platform shows for the persona; a file needs the bot's public address to be reachable."""
     if persona.avatar.startswith("https://"):

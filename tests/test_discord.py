@@ -310,8 +310,8 @@ async def test_webhook_messages_are_ignored(bot, openai_server):
 # -- the persona's own name and avatar ----------------------------------------------------------------
 
 
-async def test_reply_is_posted_under_the_personas_name_and_avatar(bot, engine, webhooks, monkeypatch):
-    monkeypatch.setenv("PERSONABOT_PUBLIC_URL", "https://bot.example.com")
+async def test_reply_is_posted_under_the_personas_name_and_avatar(bot, engine, webhooks):
+    engine.settings = engine.settings.model_copy(update={"public_url": "https://bot.example.com"})
     (engine.settings.personas_dir / "comic.yaml").write_text(
         (engine.settings.personas_dir / "comic.yaml").read_text() + "avatar: comic.png\n")
     await engine.personas.library.refresh()

@@ -221,8 +221,8 @@ async def test_reply_streams_under_the_personas_name_and_emoji(rig):
     assert (start["username"], start["icon_emoji"]) == ("Robbie", ":robot_face:")
 
 
-async def test_reply_posted_without_streaming_shows_the_personas_avatar_file(rig, monkeypatch):
-    monkeypatch.setenv("PERSONABOT_PUBLIC_URL", "https://bot.example.com/")
+async def test_reply_posted_without_streaming_shows_the_personas_avatar_file(rig):
+    rig.engine.settings = rig.engine.settings.model_copy(update={"public_url": "https://bot.example.com/"})
     rig.api.streaming = False
     await switch_persona(rig, "myna")
     await rig.slack.event(mention("hi", "1700000012.000100"))

@@ -88,7 +88,8 @@ class PersonaBot(commands.Bot):
         channel = message.channel
         parent = webhook_channel(channel)
         hook = await self._webhook(parent)
-        look = persona_look(await self.engine.active_persona(incoming.key), self.user.display_avatar.url)
+        look = persona_look(await self.engine.active_persona(incoming.key), self.user.display_avatar.url,
+                            self.engine.settings.public_url)
         thread = channel if isinstance(channel, discord.Thread) else discord.utils.MISSING
 
         async def send(content: str, reference: discord.MessageReference | None = None) -> discord.Message:

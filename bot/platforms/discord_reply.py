@@ -25,7 +25,7 @@ import aiohttp
 import discord
 
 from bot.conversation import ConvKey, Incoming
-from bot.personas import Persona, avatar_url, public_url
+from bot.personas import Persona, avatar_url
 from bot.render import EMPTY_REPLY, FAILURE_NOTICE, close_open_fence, split_message
 
 if TYPE_CHECKING:
@@ -181,10 +181,10 @@ def webhook_channel(channel: discord.abc.Messageable) -> discord.TextChannel | N
     return parent if isinstance(parent, discord.TextChannel) else None
 
 
-def persona_look(persona: Persona, fallback_avatar: str | None) -> dict[str, str]:
+def persona_look(persona: Persona, fallback_avatar: str | None, public_url: str | None) -> dict[str, str]:
     """`username` and `avatar_url` for `Webhook.send`; without a usable image URL, the bot's own avatar."""
     return {"username": persona.display_name[:USERNAME_LIMIT],
-            "avatar_url": avatar_url(persona, public_url()) or fallback_avatar or discord.utils.MISSING}
+            "avatar_url": avatar_url(persona, public_url) or fallback_avatar or discord.utils.MISSING}
 
 
 class Editable(Protocol):

@@ -239,7 +239,7 @@ class SlackBot:
             text=from_slack(event.get("text", ""), context.get("bot_user_id")),
             is_private=event.get("channel_type") == "im" or channel.startswith("D"),
         )
-        identity = persona_identity(await self.engine.active_persona(incoming.key))
+        identity = persona_identity(await self.engine.active_persona(incoming.key), self.engine.settings.public_url)
         if event.get("files") and (not incoming.text or _UPLOAD_WORDS.match(incoming.text)):
             await self._add_files(client, event["files"], incoming, thread, identity)
             return

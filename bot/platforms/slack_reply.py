@@ -20,7 +20,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.personas import AVATAR_EMOJI, Persona, avatar_url, public_url
+from bot.personas import AVATAR_EMOJI, Persona, avatar_url
 from bot.platforms.slack_format import MESSAGE_LIMIT, STREAM_LIMIT, defuse_mentions, safe_to_send, to_mrkdwn
 from bot.render import EMPTY_REPLY, best_cut, open_fence, split_message
 
@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 USERNAME_LIMIT = 80  # Slack shows at most this much of a customized name
 
 
-def persona_identity(persona: Persona) -> dict[str, str]:
+def persona_identity(persona: Persona, public_url: str | None) -> dict[str, str]:
     """The persona's name and face for a post or stream (needs chat:write.customize; without it Slack shows
     the app's own, which is still a delivered answer)."""
     identity = {"username": persona.display_name[:USERNAME_LIMIT]}
     if AVATAR_EMOJI.fullmatch(persona.avatar):
         identity["icon_emoji"] = persona.avatar
-    elif url := avatar_url(persona, public_url()):
+    elif url := avatar_url(persona, public_url):
         identity["icon_url"] = url
     return identity
 
