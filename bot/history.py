@@ -67,6 +67,7 @@ class _Write:
     params: tuple
     done: asyncio.Future
     key: ConvKey | None = None  # set for messages: the turn joins the cached window once committed
+    rowcount: bool = False  # the caller wants the statement's rowcount back
 
 
 class HistoryStore:
@@ -295,6 +296,22 @@ class HistoryStore:
             (_now(), *key, user_id, action, detail),
         )
 
+    # -- other tables in the same database -----------------------------------------------------------
+
+    async def execute(self, sql: str, params: tuple = ()) -> int:
+        """Commit one statement through the writer (after everything queued before it); returns its rowcount.
+
+        For stores that keep their own tables in this database (Slack installs, knowledge) without a
+        connection of their own. SQL uses `?` placeholders; the PostgreSQL store translates them.
+        """
+        with self._admitted():
+            done = self._enqueue(sql, params, rowcount=True)
+        return await done
+
+    async def fetch(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Rows of one read on the reader connection (it sees every committed write)."""
+        return list(await self._read.execute_fetchall(sql, params))
+
     # -- reporting -----------------------------------------------------------------------------------
 
     async def tokens_today(self, key: ConvKey) -> int:
@@ -372,9 +389,9 @@ class HistoryStore:
             self._admitting -= 1
             self._wake.set()
 
-    def _enqueue(self, sql: str, params: tuple, key: ConvKey | None = None) -> asyncio.Future:
+    def _enqueue(self, sql: str, params: tuple, key: ConvKey | None = None, *, rowcount: bool = False) -> asyncio.Future:
         done = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(sql, params, done, key))
+        self._pending.append(_Write(sql, params, done, key, rowcount))
         self._wake.set()
         return done
 
@@ -427,8 +444,13 @@ class HistoryStore:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for sql, group in groupby(enumerate(batch), key=lambda item: item[1].sql):
+            for sql, group in groupby(enumerate(batch), key=lambda item: (item[1].sql, item[1].rowcount)):
+                sql, rowcount = sql
                 group = list(group)
+                if rowcount:  # each statement's own count, so they run one by one
+                    for i, write in group:
+                        results[i] = db.execute(sql, write.params).rowcount
+                    continue
                 db.executemany(sql, [write.params for _, write in group])
                 if sql == INSERT_MESSAGE:
                     # We hold the write lock, so the rows just inserted took consecutive rowids.
