@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import discord
 import discord.ext.test as dpytest
 from discord.ext.test import callbacks
 
@@ -32,6 +31,7 @@ from bot.conversation import ConvKey, Incoming  # noqa: E402
 from bot.engine import Engine  # noqa: E402
 from bot.platforms.discord_bot import create_bot  # noqa: E402
 from bot.platforms.discord_reply import EDIT_INTERVAL  # noqa: E402
+from dpytest_harness import configure_dpytest  # noqa: E402
 from openai_server import OpenAIServer, Reply  # noqa: E402
 
 TOKENS = 600
@@ -56,10 +56,7 @@ async def main() -> None:
 
 async def run(engine: Engine, server: OpenAIServer) -> None:
     bot = create_bot(engine, engine.settings)  # the production edit interval
-    await bot._async_setup_hook()
-    bot._connection._intents.members = True  # dpytest builds its fake roster through the member cache
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-    dpytest.configure(bot, guilds=1, text_channels=1, voice_channels=0, members=1)
+    await configure_dpytest(bot, guilds=1, text_channels=1, voice_channels=0, members=1)
     channel, member = dpytest.get_config().channels[0], dpytest.get_config().members[0]
 
     events: list[tuple[float, str]] = []

@@ -18,10 +18,14 @@ Honest quality (the figures the README reports): `--corpus postgres|git|all` ind
 here wrote, installed from Debian (postgresql-doc-15, git-doc), and asks the questions in
 bench/data/corpora/<corpus>.json, written as a user would ask them, in their own words. Each set is split
 deterministically (by a hash of the question) into a tuning half and a reporting half; figures are printed for
-the reporting half, `--tune` prints the tuning half, on which constants may be chosen.
+the reporting half, `--tune` prints the tuning half, on which constants may be chosen. Each set's `followups`
+(a short question after another, nothing tuned on them) are searched alone and with the turn before, as the
+engine searches them. Within one run every mode reuses each question's embedding.
 
     python bench/retrieval.py --corpus all --skip-latency
     python bench/retrieval.py --corpus postgres --tune --skip-latency
+    python bench/retrieval.py --corpus all --skip-latency --rerank PATH   # plus hybrid re-ranked by a CrossEncoder
+    python bench/retrieval.py --corpus all --skip-latency --baseline      # plus MiniLM over plain 1000-char pieces
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.config import Settings  # noqa: E402
 from bot.retrieval import Retriever  # noqa: E402
+from bot.retrieval import search as ranking  # noqa: E402
 from bot.retrieval.chunk import Chunk  # noqa: E402
 from bot.retrieval.embed import Embedder  # noqa: E402
 from bot.retrieval.store import FileEntry  # noqa: E402
@@ -171,7 +176,53 @@ def scores(ranked: list[str], relevant: set[str], ideal: int) -> dict[str, float
             "mrr": 1 / first if first else 0.0, "ndcg@10": dcg / best if best else 0.0}
 
 
-async def corpus_quality(embedder: Embedder, name: str, part: str) -> dict:
+class QueryCache:
+    """The embedder, remembering single-text encodes: every mode of one run asks the same questions, and the
+    query vector is the same whichever ranking uses it."""
+
+    def __init__(self, embedder: Embedder):
+        self.embedder = embedder
+        self.seen: dict[str, np.ndarray] = {}
+
+    def encode(self, texts: list[str], progress=None) -> np.ndarray:
+        if len(texts) != 1:
+            return self.embedder.encode(texts, progress=progress)
+        if texts[0] not in self.seen:
+            self.seen[texts[0]] = self.embedder.encode(texts)
+        return self.seen[texts[0]]
+
+    def __getattr__(self, name):
+        return getattr(self.embedder, name)
+
+
+def naive_baseline(embedder: Embedder, name: str, paths: list[Path], questions: list[dict]) -> dict[str, float]:
+    """The issue's naive baseline: MiniLM over plain 1000-character pieces of each document's text (no headings,
+    no overlap), exact cosine, documents by first appearance in the top 10 pieces. Vectors are cached."""
+    from bot.retrieval.parse import parse
+
+    pieces: list[tuple[str, str]] = []
+    for path in paths:
+        text = "\n\n".join(block.text for block in parse(path.name, path.read_bytes()).blocks)
+        pieces += [(path.name, text[i : i + 1000]) for i in range(0, len(text), 1000)]
+    digest = hashlib.sha256("\0".join(t for _, t in pieces).encode()).hexdigest()[:16]
+    cached = CACHE / name / f"naive-{digest}.npy"
+    if cached.exists():
+        vectors = np.load(cached)
+    else:
+        vectors = embedder.encode([t for _, t in pieces])
+        np.save(cached, vectors)
+    total: dict[str, float] = {}
+    for q in questions:
+        order = np.argsort(-(vectors @ embedder.encode([q["question"]])[0]))[:10]
+        ranked = list(dict.fromkeys(pieces[i][0] for i in order))
+        for key, value in scores(ranked, set(q["sources"]), len(q["sources"])).items():
+            total[key] = total.get(key, 0.0) + value
+    return {k: v / len(questions) for k, v in total.items()} | {f"p.{k}": float("nan") for k in total}
+
+
+async def corpus_quality(embedder: Embedder, name: str, part: str, rerank: str | None = None,
+                         baseline: bool = False) -> dict:
+    started = time.perf_counter()
     spec = json.loads((CORPORA / f"{name}.json").read_text())
     root = Path(spec["root"])
     if not root.is_dir():
@@ -186,12 +237,18 @@ async def corpus_quality(embedder: Embedder, name: str, part: str) -> dict:
     settings = Settings(_env_file=None, PERSONABOT_DATA_DIR=base / "data", PERSONABOT_KNOWLEDGE_DIR=base / "knowledge")
     retriever = await Retriever.open(settings, embedder=embedder, progress=True)
     await retriever.sync()
+    indexed = time.perf_counter()
+    retriever.embedder = QueryCache(embedder)
     chunks = {f.source.removeprefix(f"{name}/"): f.chunks for f in retriever.files(name)}
     questions = halves(spec["questions"])[part]
     table: dict[str, dict[str, float]] = {}
     default = retriever.fusion
-    for mode, fusion in (("dense", default), ("lexical", default), ("hybrid", "passages"), ("hybrid", default)):
-        retriever.fusion = fusion
+    variants = [("dense", default, None), ("lexical", default, None), ("hybrid", "passages", None),
+                ("hybrid", default, None)]
+    if rerank:
+        variants.append(("hybrid", default, ranking.Reranker(rerank)))
+    for mode, fusion, reranker in variants:
+        retriever.fusion, retriever.reranker = fusion, reranker
         total: dict[str, float] = {}
         for q in questions:
             hits = await retriever.search(q["question"], [name], k=10, mode=mode)  # as many as a reader is shown
@@ -204,15 +261,44 @@ async def corpus_quality(embedder: Embedder, name: str, part: str) -> dict:
             for key, value in [*doc.items(), *((f"p.{k}", v) for k, v in passages.items())]:
                 total[key] = total.get(key, 0.0) + value
         label = {"lexical": "bm25"}.get(mode, mode) + ("-rrf" if mode == "hybrid" and fusion != default else "")
-        table[label] = {k: v / len(questions) for k, v in total.items()}
+        table[label + ("+rerank" if reranker else "")] = {k: v / len(questions) for k, v in total.items()}
+    followups = await followup_quality(retriever, name, spec.get("followups", []))
     await retriever.close()
+    ranked = time.perf_counter()
+    if baseline:
+        table["naive"] = naive_baseline(embedder, name, [folder / doc for doc in spec["documents"]], questions)
     print(f"\n{name}: {len(spec['documents'])} documents, {sum(chunks.values())} chunks; {part} half, "
-          f"{len(questions)} of {len(spec['questions'])} questions")
+          f"{len(questions)} of {len(spec['questions'])} questions; index ready in {indexed - started:.1f} s, "
+          f"{len(variants)} modes in {ranked - indexed:.1f} s"
+          + (f", naive baseline in {time.perf_counter() - ranked:.1f} s" if baseline else ""))
     keys = list(next(iter(table.values())))
     print(f"{'mode':<10} " + " ".join(f"{k:>9}" for k in keys) + "   (p.: passage level)")
     for mode, row in table.items():
         print(f"{mode:<10} " + " ".join(f"{row[k]:>9.3f}" for k in keys))
+    if followups:
+        print(f"follow-ups ({len(spec['followups'])}, all: nothing is tuned on them), hybrid, document level:")
+        for label, row in followups.items():
+            print(f"  {label:<26} " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
     return table
+
+
+async def followup_quality(retriever: Retriever, name: str, followups: list[dict]) -> dict[str, dict[str, float]]:
+    """Short follow-ups ("and restore it?") searched alone and as the engine searches them, with the
+    previous user turn (engine._retrieval_query)."""
+    from bot.engine import _retrieval_query
+
+    out: dict[str, dict[str, float]] = {}
+    for label, query in (("alone", lambda f: f["question"]),
+                         ("with the previous turn", lambda f: _retrieval_query(
+                             f["question"], [{"role": "user", "content": f["previous"]}]))):
+        total: dict[str, float] = {}
+        for f in followups:
+            hits = await retriever.search(query(f), [name], k=10)
+            ranked = list(dict.fromkeys(h.source.removeprefix(f"{name}/") for h in hits))
+            for key, value in scores(ranked, set(f["sources"]), len(f["sources"])).items():
+                total[key] = total.get(key, 0.0) + value
+        out[label] = {k: v / len(followups) for k, v in total.items()}
+    return out
 
 
 def percentiles(samples: list[float]) -> str:
@@ -275,6 +361,10 @@ def main() -> None:
     parser.add_argument("--corpus", choices=["postgres", "git", "all", "legacy"], default="all",
                         help="reference manuals from Debian (the reported figures), or the old set beside the code")
     parser.add_argument("--tune", action="store_true", help="the tuning half instead of the reporting half")
+    parser.add_argument("--baseline", action="store_true", help="also the naive baseline: MiniLM over plain "
+                        "1000-character pieces, exact cosine (embeds each corpus once more, then cached)")
+    parser.add_argument("--rerank", metavar="MODEL", help="also hybrid re-ranked by this sentence-transformers "
+                        "CrossEncoder (a model dir or hub id), as PERSONABOT_RERANK_MODEL does")
     args = parser.parse_args()
     if args.write_questions:
         write_questions()
@@ -285,7 +375,7 @@ def main() -> None:
         asyncio.run(quality(embedder, args.max_chars))
     elif not args.skip_quality:
         for name in ("postgres", "git") if args.corpus == "all" else (args.corpus,):
-            asyncio.run(corpus_quality(embedder, name, "tune" if args.tune else "report"))
+            asyncio.run(corpus_quality(embedder, name, "tune" if args.tune else "report", args.rerank, args.baseline))
     if not args.skip_latency:
         asyncio.run(latency(embedder, [int(s) for s in args.sizes.split(",")], args.queries))
 

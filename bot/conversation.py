@@ -62,11 +62,14 @@ class Role(IntEnum):
 
 @dataclass(frozen=True)
 class Attachment:
-    """A file that came with a command; `read()` downloads it, so a refusal on name or size costs nothing."""
+    """A file that came with a command or a message; `read()` downloads it, so a refusal on name or size costs
+    nothing. `size` and `content_type` are what the platform declared (0 and "" when it said nothing): hints
+    for which files to fetch, never trusted over the bytes."""
 
     name: str
     size: int
     read: Callable[[], Awaitable[bytes]]
+    content_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Incoming:
     user_name: str = ""
     role: Role = Role.MEMBER
     is_private: bool = False  # a DM or the terminal: the asker owns the whole conversation
+    attachments: tuple[Attachment, ...] = ()  # images and files sent with the message (bot/attachments.py)
 
     @property
     def workspace(self) -> Workspace:

@@ -13,13 +13,14 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 from bot import metrics
+from bot.attachments import read_turn, sees_images
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming, Role, Workspace
-from bot.history import HistoryStore
+from bot.history import HistoryStore, open_history
 from bot.history_cache import MISSING, Recent
 from bot.models.base import ChatModel, ContextLengthError, GenParams, Message, ModelError
 from bot.models.registry import ModelRegistry
@@ -62,12 +63,11 @@ class Engine:
         self.models = models
         self.retriever = retriever
         self.personas = PersonaCatalog(personas, history)
-        self._turns: dict[ConvKey, tuple[asyncio.Lock, int]] = {}
         self._prefix_tokens = Recent(PREFIX_TOKENS_CACHED)
 
     @classmethod
     async def create(cls, settings: Settings, *, knowledge: bool = True) -> "Engine":
-        history = await HistoryStore.open(settings.db_path)
+        history = await open_history(settings)
         retriever = None
         if knowledge:
             from bot.retrieval import Retriever
@@ -93,29 +93,14 @@ class Engine:
         began, answered = time.perf_counter(), False
         # A reader that stops early closes each generator in turn, so the reply's own `finally` (which stores
         # what was shown) runs now, inside the conversation's turn, not whenever the garbage collector gets to it.
-        async with self._turn(incoming.key), aclosing(self._reply(incoming, use_history)) as pieces:
+        # The store holds the conversation's turn: across processes too, when they share PostgreSQL.
+        async with self.history.turn(incoming.key), aclosing(self._reply(incoming, use_history)) as pieces:
             async for piece in pieces:
                 if not answered:
                     answered = True
                     metrics.FIRST_TEXT.labels(platform).observe(time.perf_counter() - began)
                 yield piece
         metrics.REPLY.labels(platform).observe(time.perf_counter() - began)
-
-    @asynccontextmanager
-    async def _turn(self, key: ConvKey):
-        # asyncio.Lock wakes waiters first-in first-out, which is exactly arrival order per conversation.
-        lock, users = self._turns.get(key, (None, 0))
-        lock = lock or asyncio.Lock()
-        self._turns[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._turns[key]
-            if users == 1:
-                del self._turns[key]
-            else:
-                self._turns[key] = (lock, users - 1)
 
     async def _reply(self, incoming: Incoming, use_history: bool) -> AsyncIterator[str]:
         key = incoming.key
@@ -127,14 +112,21 @@ class Engine:
             return
         spec, params = self._bounded(entry)
         async with self.models.use(spec) as model, \
-                aclosing(self._answer(incoming, entry.persona, model, params, use_history)) as pieces:
+                aclosing(self._answer(incoming, entry.persona, model, params, use_history,
+                                     sees_images(spec, self.settings))) as pieces:
             async for piece in pieces:
                 yield piece
 
     async def _answer(self, incoming: Incoming, persona: Persona, model: ChatModel, params: GenParams,
-                      use_history: bool) -> AsyncIterator[str]:
+                      use_history: bool, vision: bool = False) -> AsyncIterator[str]:
         key = incoming.key
-        user: Message = {"role": "user", "content": incoming.text}
+        # Images and files in (bot/attachments.py): images as content parts only for a model that sees them,
+        # text files inlined; history keeps `said.text`, which holds a reference per image, never its bytes.
+        said = await read_turn(incoming, self.settings, vision=vision)
+        if not said.answerable:  # nothing but files nobody can read: say why, and ask the model nothing
+            yield said.notice.rstrip("\n")
+            return
+        user: Message = {"role": "user", "content": said.content}
         user_tokens = model.count_tokens([user])
         budget_tokens = self._history_budget(model, persona, params, user_tokens)
         history = await self.history.window(key, budget_tokens) if use_history else []
@@ -158,10 +150,15 @@ class Engine:
         # nothing the bot has begun to answer can be lost to a crash, and a failure never loses what they said.
         stored_as = key if use_history else key._replace(thread=f"{ONE_OFF_THREAD}{uuid.uuid4().hex}")
         saved = asyncio.ensure_future(self.history.append(
-            stored_as, "user", incoming.text, author=incoming.user_id, persona=persona.name, tokens=user_tokens))
+            stored_as, "user", said.text, author=incoming.user_id, persona=persona.name,
+            # priced as later turns re-send it: the text and references, not the images
+            tokens=model.count_tokens([{"role": "user", "content": said.text}]) if said.images else user_tokens))
         text: list[str] = []
         finish, usage, failure = None, None, None
         try:
+            if said.notices:
+                await asyncio.shield(saved)
+                yield said.notice + "\n"
             messages = prefix + history + [user]
             for attempt in (1, 2):
                 try:
@@ -210,8 +207,9 @@ class Engine:
             yield CONTENT_FILTER_NOTICE
         if finish == "length":
             yield CUT_OFF_NOTICE
-        if grounding is not None and grounding.sources_footer and reply:
-            yield f"\n\n{grounding.sources_footer}"
+        footer = grounding.footer(reply) if grounding is not None and reply else ""
+        if footer:  # only passages the model was shown, and of those the ones the reply cites
+            yield f"\n\n{footer}"
 
     def _history_budget(self, model: ChatModel, persona: Persona, params: GenParams, user_tokens: int) -> int:
         cache_key = (model.name, persona.system + repr(persona.examples))
@@ -235,7 +233,7 @@ class Engine:
         if not entry.by_owner and self._unlisted(spec):
             log.warning("persona %s names a model outside PERSONABOT_ALLOWED_MODELS; using the default",
                         entry.persona.name)
-            spec = spec.model_copy(update={"name": None, "path": None})
+            spec = spec.model_copy(update={"name": None, "path": None, "vision": None})
         params = entry.persona.gen_params(GenParams())
         return spec, dataclasses.replace(params, max_tokens=min(params.max_tokens, self.settings.max_reply_tokens))
 

@@ -2,13 +2,15 @@
 
 Every message the bot answers costs a handful of store calls, so the hot path is shaped for throughput:
 - appends are group-committed: callers enqueue, one writer task commits everything pending in a single
-  transaction on a thread of its own, and each caller returns only once its row is committed (durable, and
-  in arrival order);
+  transaction on a thread of its own (bot/history_writer.py), and each caller returns only once its row is
+  committed (durable, and in arrival order);
 - reads run on a second connection (WAL lets them proceed while the writer commits);
 - a channel's persona and settings, each conversation's context number and its newest turns are cached
   write-through, so a conversation costs one backwards range scan of an index when first seen and no read
   after that.
-The caches assume this process is the only writer, which is how the bot runs; the CLI only reads.
+The caches assume this process is the only writer, which is how the bot runs on one machine; the CLI only
+reads. Several processes share a PostgreSQL database instead (`DATABASE_URL`, bot/history_pg.py), which has
+the same methods; `open_history(settings)` picks one.
 """
 from __future__ import annotations
 
@@ -16,21 +18,25 @@ import asyncio
 import logging
 import sqlite3
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from itertools import accumulate, groupby
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiosqlite
 
 from bot.conversation import ConvKey, Workspace
 from bot.history_cache import MISSING, Conversation, Recent, RecentTurns
+from bot.history_writer import GroupCommit, HistoryError, QueuedWrite, close_writer, connect_reader, connect_writer
 from bot.migrations import migrate
 from bot.models.base import Message
+from bot.turns import ArrivalOrder
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+    from bot.history_pg import PostgresHistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +54,6 @@ INSERT_MESSAGE = (
 KEY = "platform = ? AND workspace = ? AND channel = ?"
 
 
-class HistoryError(RuntimeError):
-    pass
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -61,23 +63,17 @@ def _channel(key: ConvKey) -> tuple[str, str, str]:
     return key[:3]
 
 
-@dataclass
-class _Write:
-    sql: str
-    params: tuple
-    done: asyncio.Future
-    key: ConvKey | None = None  # set for messages: the turn joins the cached window once committed
-    rowcount: bool = False  # the caller wants the statement's rowcount back
+class HistoryStore(GroupCommit):
+    # Several processes may write this store's database (the PostgreSQL one): nothing they change may be cached.
+    shared = False
 
-
-class HistoryStore:
     def __init__(self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection):
         self.path = path
         # The writer is plain sqlite3 on a thread of its own, so a whole batch costs one hop off the event loop.
         self._db = writer
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="history-writer")
         self._read = reader
-        self._pending: list[_Write] = []
+        self._pending: list[QueuedWrite] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._admitting = 0
@@ -86,6 +82,7 @@ class HistoryStore:
         self._settings = Recent()
         self._spent = Recent()  # channel -> (UTC day, tokens spent that day)
         self._turns = RecentTurns(MAX_TURNS, CACHED_CHARS)
+        self._order = ArrivalOrder()
         # Held while a batch commits and updates the caches, and while a cache is filled from disk, so a fill
         # never misses a turn committed during its read.
         self._sync = asyncio.Lock()
@@ -96,8 +93,8 @@ class HistoryStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_prepare, path)
-        writer = await asyncio.to_thread(_connect_writer, path)
-        reader = await _connect(path)
+        writer = await asyncio.to_thread(connect_writer, path)
+        reader = await connect_reader(path)
         await reader.execute("PRAGMA query_only = ON")
         return cls(path, writer, reader)
 
@@ -108,7 +105,7 @@ class HistoryStore:
         self._closing = True
         self._wake.set()
         await self._writer
-        await self._in_writer(_close, self._db)
+        await self._in_writer(close_writer, self._db)
         self._db_thread.shutdown()
         await self._read.close()
 
@@ -128,12 +125,7 @@ class HistoryStore:
         completion_tokens: int = 0,
     ) -> int:
         """Store one turn in the conversation's current context; returns its id once committed."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-        if not isinstance(content, str):
-            raise TypeError(f"content must be text, not {type(content).__name__}")
-        if min(tokens, prompt_tokens, completion_tokens) < 0:
-            raise ValueError("token counts cannot be negative")
+        check_turn(role, content, tokens, prompt_tokens, completion_tokens)
         with self._admitted():
             context = await self._context(key)
             now = _now()
@@ -151,17 +143,17 @@ class HistoryStore:
             return []
         context = await self._context(key)
         conversation = self._turns.get(key, context) or await self._load_turns(key, context)
-        newest = list(reversed(conversation.turns))
-        costs = [turn[2] for turn in newest]
-        if counter is not None and 0 in costs:
-            costs = [cost or counter(message) for _, message, cost in newest]
-        fits = bisect_right(list(accumulate(costs)), budget_tokens)
-        turns = [message for _, message, _ in reversed(newest[:fits])]
-        cut = fits < len(newest) or not conversation.whole
-        # A reply whose question fell outside the window reads as the bot talking to itself.
-        while cut and turns and turns[0]["role"] == "assistant":
-            turns.pop(0)
-        return turns
+        newest = [(message, tokens) for _, message, tokens in reversed(conversation.turns)]
+        return fit_window(newest, conversation.whole, budget_tokens, counter)
+
+    def turn(self, key: ConvKey):  # -> an async context manager
+        """Held while one message of the conversation is answered; later messages wait, in arrival order."""
+        return self._order.turn(key)
+
+    @property
+    def conversations_in_turn(self) -> int:
+        """Conversations with a message being answered or waiting (0 when idle: nothing is left behind)."""
+        return len(self._order)
 
     async def reset(self, key: ConvKey) -> None:
         """Start a fresh context for this conversation; earlier turns stay on disk for export and audit."""
@@ -368,100 +360,12 @@ class HistoryStore:
             turns: list[Message] = []
             async for *conv, role, content in cursor:
                 if tuple(conv) != conversation:
-                    if answered := _answered(turns):
+                    if answered := answered_turns(turns):
                         yield {"messages": answered}
                     conversation, turns = tuple(conv), []
                 turns.append({"role": role, "content": content})
-            if answered := _answered(turns):
+            if answered := answered_turns(turns):
                 yield {"messages": answered}
-
-    # -- the writer ----------------------------------------------------------------------------------
-
-    @contextmanager
-    def _admitted(self) -> Iterator[None]:
-        """Writes that began before `close()` are still committed, even if they were awaiting a read."""
-        if self._closing:
-            raise HistoryError("the history store is closed")
-        self._admitting += 1
-        try:
-            yield
-        finally:
-            self._admitting -= 1
-            self._wake.set()
-
-    def _enqueue(self, sql: str, params: tuple, key: ConvKey | None = None, *, rowcount: bool = False) -> asyncio.Future:
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(sql, params, done, key, rowcount))
-        self._wake.set()
-        return done
-
-    async def _write(self, sql: str, params: tuple) -> Any:
-        with self._admitted():
-            done = self._enqueue(sql, params)
-        return await done
-
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing and not self._admitting:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch, self._pending = self._pending, []
-            await self._commit(batch)
-
-    async def _commit(self, batch: list[_Write]) -> None:
-        """Commit a batch in one transaction; if it fails, retry one by one so a bad write fails alone."""
-        results: list[Any] = [None] * len(batch)
-        try:
-            async with self._sync:
-                await self._in_writer(self._commit_in_one, batch, results)
-                for write, result in zip(batch, results):
-                    if write.key is not None:
-                        self._remember(write.key, result, write.params)
-        except sqlite3.Error as exc:
-            if len(batch) > 1:
-                for write in batch:
-                    await self._commit([write])
-                return
-            log.error("history write failed: %s", exc)
-            _settle(batch[0].done, exc=HistoryError(f"could not save to {self.path}: {exc}"))
-            return
-        except Exception as exc:  # a bug or a closed connection: every waiter must hear about it
-            log.exception("history writer failed")
-            for write in batch:
-                _settle(write.done, exc=exc)
-            return
-        for write, result in zip(batch, results):
-            _settle(write.done, result)
-
-    def _in_writer(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
-        return asyncio.get_running_loop().run_in_executor(self._db_thread, fn, *args)
-
-    def _commit_in_one(self, batch: list[_Write], results: list[Any]) -> None:
-        """Runs on the writer thread."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, group in groupby(enumerate(batch), key=lambda item: (item[1].sql, item[1].rowcount)):
-                sql, rowcount = sql
-                group = list(group)
-                if rowcount:  # each statement's own count, so they run one by one
-                    for i, write in group:
-                        results[i] = db.execute(sql, write.params).rowcount
-                    continue
-                db.executemany(sql, [write.params for _, write in group])
-                if sql == INSERT_MESSAGE:
-                    # We hold the write lock, so the rows just inserted took consecutive rowids.
-                    (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
-                    for n, (i, _) in enumerate(group):
-                        results[i] = last - len(group) + 1 + n
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def _remember(self, key: ConvKey, message_id: int, params: tuple) -> None:
         """A committed turn updates the cached window and the channel's spend for today."""
@@ -473,16 +377,40 @@ class HistoryStore:
             self._spent.put(key.channel_key, (spent[0], spent[1] + prompt_tokens + completion_tokens))
 
 
-def _settle(done: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
-    if done.done():  # the caller gave up waiting; the write stands
-        return
-    if exc is not None:
-        done.set_exception(exc)
-    else:
-        done.set_result(result)
+def check_turn(role: str, content: str, *counts: int) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not isinstance(content, str):
+        raise TypeError(f"content must be text, not {type(content).__name__}")
+    if min(counts) < 0:
+        raise ValueError("token counts cannot be negative")
 
 
-def _answered(turns: list[Message]) -> list[Message]:
+def fit_window(newest: list[tuple[Message, int]], whole: bool, budget_tokens: int,
+               counter: Callable[[Message], int] | None) -> list[Message]:
+    """The window from a context's newest (turn, tokens) first; `whole` when they are all the context has."""
+    costs = [tokens for _, tokens in newest]
+    if counter is not None and 0 in costs:
+        costs = [tokens or counter(message) for message, tokens in newest]
+    fits = bisect_right(list(accumulate(costs)), budget_tokens)
+    turns = [message for message, _ in reversed(newest[:fits])]
+    cut = fits < len(newest) or not whole
+    # A reply whose question fell outside the window reads as the bot talking to itself.
+    while cut and turns and turns[0]["role"] == "assistant":
+        turns.pop(0)
+    return turns
+
+
+async def open_history(settings: "Settings") -> "HistoryStore | PostgresHistoryStore":
+    """The store this deployment uses: PostgreSQL when `DATABASE_URL` is set, else the SQLite file."""
+    if settings.database_url:
+        from bot.history_pg import PostgresHistoryStore
+
+        return await PostgresHistoryStore.open(settings.database_url)
+    return await HistoryStore.open(settings.db_path)
+
+
+def answered_turns(turns: list[Message]) -> list[Message]:
     last = max((i for i, turn in enumerate(turns) if turn["role"] == "assistant"), default=-1)
     return turns[: last + 1]
 
@@ -496,30 +424,3 @@ def _prepare(path: Path) -> None:
         raise HistoryError(f"{path} is not a usable personabot database: {exc}") from exc
     finally:
         db.close()
-
-
-PRAGMAS = (
-    # NORMAL in WAL mode loses no committed transaction on a process crash, only on power loss.
-    "PRAGMA synchronous = NORMAL",
-    "PRAGMA foreign_keys = ON",
-    "PRAGMA busy_timeout = 5000",
-)
-
-
-async def _connect(path: Path) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
-    for pragma in PRAGMAS:
-        await db.execute(pragma)
-    return db
-
-
-def _connect_writer(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in PRAGMAS:
-        db.execute(pragma)
-    return db
-
-
-def _close(db: sqlite3.Connection) -> None:
-    db.execute("PRAGMA optimize")
-    db.close()

@@ -35,3 +35,5 @@ def configure(level: str = "WARNING") -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "discord", "slack_bolt", "transformers", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # slack_sdk's DEBUG lines carry request and response bodies: auth.test's token, oauth.v2.access's new token.
+    logging.getLogger("slack_sdk").setLevel(max(logging.INFO, root.level))

@@ -1,19 +1,30 @@
-"""The history database's schema, as an append-only list of small steps (after simonw/llm's migrations.py).
+"""The database's schema, as an append-only list of small named steps (after simonw/llm's migrations.py).
 
-`PRAGMA user_version` records how many steps a database has had, so opening an old file brings it up to date
-and opening it twice does nothing. Never edit a step once it has shipped: add a new one.
+Each step is a function registered with `@migration`; a table, `schema_migrations`, records the *name* of
+every step a database has had, so opening an old database brings it up to date, opening it twice does
+nothing, and two branches that each append a step never fight over a number. The same list builds SQLite
+files and PostgreSQL databases: a step only calls `db.execute(sql)` with portable SQL (SQLite's spelling;
+bot/sql_dialect.py maps the few differences), and never reads. Never edit a step once it has shipped: add
+a new one at the end.
+
+SQLite files from before the table (PRAGMA user_version 1..4, the number of steps applied) are recorded by
+name on first open; user_version is still kept equal to the number of steps applied.
 """
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
 
-Migration = Callable[[sqlite3.Connection], None]
+Migration = Callable[[Any], None]  # called with a sqlite3.Connection, or with a `Statements` recorder
 MIGRATIONS: list[Migration] = []
+TABLE = "schema_migrations"
+CREATE_TABLE = f"CREATE TABLE IF NOT EXISTS {TABLE} (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
 
 
 class SchemaTooNew(RuntimeError):
-    """The file was written by a newer personabot; touching it could lose data that version relies on."""
+    """The database was written by a newer personabot; touching it could lose data that version relies on."""
 
 
 def migration(step: Migration) -> Migration:
@@ -21,28 +32,94 @@ def migration(step: Migration) -> Migration:
     return step
 
 
-def migrate(db: sqlite3.Connection, upto: int | None = None) -> int:
-    """Apply the steps this database lacks (each in its own transaction) and return its new version.
+def too_new(applied: set[str]) -> SchemaTooNew | None:
+    """The refusal for a database that had steps this personabot does not know, if it had any."""
+    unknown = sorted(applied - {step.__name__ for step in MIGRATIONS})
+    if not unknown:
+        return None
+    return SchemaTooNew(
+        f"this database has schema steps newer than this personabot knows ({', '.join(unknown)}); "
+        "upgrade personabot or point PERSONABOT_DATA_DIR / DATABASE_URL elsewhere"
+    )
 
-    `db` must be in autocommit mode (`isolation_level=None`) so each step and its version bump commit together.
+
+class Statements:
+    """Stands in for a connection while a step runs, collecting its statements for another engine."""
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, tuple]] = []
+
+    def execute(self, sql: str, params: tuple = ()) -> None:
+        self.statements.append((sql, tuple(params)))
+
+    def __getattr__(self, name: str) -> None:
+        raise AttributeError(f"a migration step may only call db.execute(sql), one statement each (not db.{name}),"
+                             " so that every database engine can run it")
+
+
+def statements(step: Migration) -> list[tuple[str, tuple]]:
+    """A step's statements in portable SQL, in order."""
+    recorder = Statements()
+    step(recorder)
+    return recorder.statements
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def migrate(db: sqlite3.Connection, upto: int | None = None) -> int:
+    """Apply the steps this SQLite database lacks (each in its own transaction); return how many it has had.
+
+    `db` must be in autocommit mode (`isolation_level=None`) so each step and its record commit together.
+    Several processes may open one file at once: each step is re-checked under the write lock.
     """
-    target = len(MIGRATIONS) if upto is None else upto
-    current = db.execute("PRAGMA user_version").fetchone()[0]
-    if current > len(MIGRATIONS):
+    target = MIGRATIONS if upto is None else MIGRATIONS[:upto]
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):  # checked before anything is written: a refused file stays untouched
         raise SchemaTooNew(
-            f"this database is at schema version {current}, newer than this personabot knows "
+            f"this database is at schema version {version}, newer than this personabot knows "
             f"({len(MIGRATIONS)}); upgrade personabot or point PERSONABOT_DATA_DIR elsewhere"
         )
-    for version in range(current + 1, target + 1):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            MIGRATIONS[version - 1](db)
-            db.execute(f"PRAGMA user_version = {version}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-    return max(current, target)
+    has_table = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
+    applied = _applied(db) if has_table else set()
+    if refusal := too_new(applied):
+        raise refusal
+    if not has_table or version > len(applied):
+        _in_one(db, lambda: _record_numbered(db))
+    for step in target:
+        _in_one(db, lambda: _apply(db, step))
+    return len(_applied(db))
+
+
+def _in_one(db: sqlite3.Connection, work: Callable[[], None]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        work()
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _applied(db: sqlite3.Connection) -> set[str]:
+    return {name for (name,) in db.execute(f"SELECT name FROM {TABLE}")}
+
+
+def _record_numbered(db: sqlite3.Connection) -> None:
+    """A file from before the table: its user_version says how many of the first steps it has had."""
+    db.execute(CREATE_TABLE)
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    db.executemany(f"INSERT INTO {TABLE} (name, applied_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                   [(step.__name__, _now()) for step in MIGRATIONS[:version]])
+
+
+def _apply(db: sqlite3.Connection, step: Migration) -> None:
+    if db.execute(f"SELECT 1 FROM {TABLE} WHERE name = ?", (step.__name__,)).fetchone():
+        return  # applied already, perhaps by another process a moment ago
+    step(db)
+    db.execute(f"INSERT INTO {TABLE} (name, applied_at) VALUES (?, ?)", (step.__name__, _now()))
+    db.execute(f"PRAGMA user_version = {len(_applied(db))}")
 
 
 @migration
@@ -174,3 +251,81 @@ def m004_slack_requests(db: sqlite3.Connection) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@migration
+def m005_slack_installs(db: sqlite3.Connection) -> None:
+    # The Slack workspaces that installed the app through OAuth (bot/platforms/slack_installs.py), as slack_sdk's
+    # Bot and Installation objects in JSON beside readable keys. '' stands for an absent enterprise or team id
+    # (a key column is never NULL). Bot tokens live only in slack_bots, so deleting a workspace's bot row
+    # (tokens_revoked, app_uninstalled) leaves no copy of its token anywhere. Tokens are secrets: never log rows.
+    db.execute(
+        """
+        CREATE TABLE slack_bots (
+            enterprise_id TEXT NOT NULL,
+            team_id TEXT NOT NULL,
+            installed_at INTEGER NOT NULL,
+            bot TEXT NOT NULL,
+            PRIMARY KEY (enterprise_id, team_id)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE slack_installations (
+            enterprise_id TEXT NOT NULL,
+            team_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            installed_at INTEGER NOT NULL,
+            installation TEXT NOT NULL,
+            PRIMARY KEY (enterprise_id, team_id, user_id)
+        )
+        """
+    )
+    # OAuth `state` values handed out by GET /slack/install, each consumed at most once before it expires.
+    db.execute("CREATE TABLE slack_oauth_states (state TEXT NOT NULL PRIMARY KEY, expires_at INTEGER NOT NULL)")
+
+
+@migration
+def m006_knowledge(db: sqlite3.Connection) -> None:
+    # With DATABASE_URL, the knowledge index's source of truth (bot/retrieval/replica.py): each process's
+    # data/knowledge/index.sqlite3 and FAISS are replicas, caught up by change number. Vectors are float32 bytes,
+    # unit length; chunk ids are the FAISS ids everywhere. Every write appends a change naming its document
+    # (present 1: as the tables now hold it, 0: removed); a change superseded by a later one for the same
+    # document is pruned. An SQLite history database carries these tables unused: its index is the folder's.
+    db.execute(
+        """
+        CREATE TABLE knowledge_files (
+            source TEXT PRIMARY KEY,
+            collection TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            chunks INTEGER NOT NULL,
+            indexed_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE knowledge_chunks (
+            id INTEGER PRIMARY KEY,
+            source TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            ord INTEGER NOT NULL,
+            locator TEXT NOT NULL,
+            header TEXT NOT NULL,
+            text TEXT NOT NULL,
+            tokens INTEGER NOT NULL,
+            hash TEXT NOT NULL,
+            vector BLOB NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX knowledge_chunks_source ON knowledge_chunks (source)")
+    db.execute(
+        "CREATE TABLE knowledge_changes (seq INTEGER PRIMARY KEY, source TEXT NOT NULL, present INTEGER NOT NULL)")
+    db.execute("CREATE INDEX knowledge_changes_source ON knowledge_changes (source, seq)")
+    db.execute("CREATE TABLE knowledge_names (source TEXT PRIMARY KEY, given TEXT NOT NULL)")
+    # How the index was built (embedding model, chunking), so that no process re-chunks what another built alike.
+    db.execute("CREATE TABLE knowledge_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")

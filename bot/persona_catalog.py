@@ -3,6 +3,10 @@
 A workspace's own persona shadows a shipped one of the same name there and nowhere else, so "editing" the
 shipped `assistant` in one server gives that server its own copy. Workspace personas live in the history
 database as YAML and are validated by the same `parse_persona` as files; nothing here ever writes a file.
+
+Each workspace's parsed personas are cached. When other processes share the store (PostgreSQL), the cache is
+checked on every use against the workspace's newest persona row (one index lookup), so a persona saved in
+another process is used from that workspace's next message on.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from bot.personas import Persona, PersonaError, PersonaLibrary, UnknownPersona, 
 log = logging.getLogger(__name__)
 
 CACHED_WORKSPACES = 10_000
+NEWEST_ROW = "SELECT max(id) FROM personas WHERE platform = ? AND workspace = ?"
 
 
 class Origin(str, Enum):
@@ -77,17 +82,21 @@ class PersonaCatalog:
         return [persona for _, (persona, _) in sorted((await self._own_personas(workspace)).items())]
 
     async def _own_personas(self, workspace: Workspace) -> dict[str, tuple[Persona, bool]]:
+        newest = None
+        if getattr(self.history, "shared", False):
+            newest = (await self.history.fetch(NEWEST_ROW, tuple(workspace)))[0][0]
         cached = self._own.get(workspace)
-        if cached is not MISSING:
-            return cached
+        if cached is not MISSING and cached[0] == newest:
+            return cached[1]
         async with self._lock:
-            if (cached := self._own.get(workspace)) is not MISSING:
-                return cached
+            if (cached := self._own.get(workspace)) is not MISSING and cached[0] == newest:
+                return cached[1]
             own: dict[str, tuple[Persona, bool]] = {}
             for name, (text, by_owner) in (await self.history.workspace_personas(workspace)).items():
                 try:
                     own[name] = (parse_persona(text, f"{workspace}:{name}"), by_owner)
                 except PersonaError as exc:  # stored by an older version with looser rules: skip, say why
                     log.error("workspace persona %s:%s no longer validates:\n%s", workspace, name, exc)
-            self._own.put(workspace, own)
+            # Rows saved after `newest` only make the next check read again.
+            self._own.put(workspace, (newest, own))
             return own

@@ -98,6 +98,16 @@ class ModelSpec(BaseModel):
     max_tokens: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
     context_window: int | None = Field(None, gt=0)
+    # Whether the model takes images (OpenAI content parts); unset: PERSONABOT_VISION_MODELS and OpenAI's own
+    # vision models decide. Local models read text only.
+    vision: bool | None = None
+
+    @model_validator(mode="after")
+    def _vision_needs_openai(self) -> ModelSpec:
+        if self.vision and (self.backend == "local" or self.path is not None):
+            raise PydanticCustomError("vision_local", "local models read text only; vision: true needs an "
+                                      "OpenAI-compatible model (backend: openai)")
+        return self
 
 
 class Persona(BaseModel):
@@ -218,6 +228,8 @@ def load_persona(path: Path) -> Persona:
 def _location(err: Any) -> tuple[Any, ...]:
     if err["type"] == "example_order":
         return ("examples", err["ctx"]["index"], "role")
+    if err["type"] == "vision_local":
+        return (*err["loc"], "vision")
     return tuple(err["loc"])
 
 

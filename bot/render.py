@@ -193,6 +193,16 @@ KNOWLEDGE_OFF = (
     "The operator can turn it on by installing the knowledge extras and restarting."
 )
 
+# Images and files that came with a message (bot/attachments.py): one line each, before the reply.
+ATTACHMENT_NOTICE = "_({reason})_"
+IMAGES_UNSEEN = "this persona's model can't see images; I read your text only"
+TOO_MANY_FILES = "I read the first {limit} of the {count} files you sent (at most {limit} a message)"
+FILE_TOO_BIG = "I left out {name}: it is {size}, and {kind} may be at most {limit}"
+NOT_AN_IMAGE = "I left out {name}: it isn't a PNG, JPEG, GIF or WebP image{looks_like}"
+NOT_TEXT = "I left out {name}: it isn't UTF-8 text"
+NOT_READABLE = "I left out {name}: I read images and text files only"
+NOT_DOWNLOADED = "I left out {name}: I couldn't download it"
+
 
 # -- what the commands answer with ------------------------------------------------------------
 

@@ -221,15 +221,21 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int, rep
     )
 
 
-async def history_examples(db_path: Path, report: DataReport, persona: str | None = None) -> list[Example]:
+async def history_examples(db_path: Path, report: DataReport, persona: str | None = None, *,
+                           database_url: str | None = None) -> list[Example]:
     """Stored conversations (only those held with `persona`, when given), read through the same export
-    `personabot history export` writes."""
+    `personabot history export` writes: from PostgreSQL when `database_url` is given, else the SQLite file."""
     from bot.history import HistoryStore
 
-    if not Path(db_path).exists():
+    if database_url:
+        from bot.history_pg import PostgresHistoryStore
+
+        store = await PostgresHistoryStore.open(database_url)
+    elif not Path(db_path).exists():
         report.drop(str(db_path), "no history database yet")
         return []
-    store = await HistoryStore.open(db_path)
+    else:
+        store = await HistoryStore.open(db_path)
     try:
         rows = [(f"history #{i + 1}", row) async for i, row in _aenumerate(store.export(persona=persona))]
     finally:

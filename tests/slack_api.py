@@ -7,6 +7,7 @@ can read back what a Slack user would have seen. `SlackApp` signs and sends the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import itertools
@@ -25,6 +26,8 @@ APP_TOKEN = "xapp-test-token"
 SIGNING_SECRET = "test-signing-secret"
 TEAM = "T0TEST"
 BOT_USER = "UBOT"
+CLIENT_ID = "1111.2222"  # the app's OAuth credentials (SLACK_CLIENT_ID, SLACK_CLIENT_SECRET)
+CLIENT_SECRET = "test-client-secret"
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Call:
     method: str
     params: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
+    token: str = ""  # the bearer token the call was made with
 
 
 class FakeSlackApi:
@@ -40,13 +44,20 @@ class FakeSlackApi:
         self.streaming = streaming
         self.calls: list[Call] = []
         self.files: dict[str, tuple[str, bytes]] = {}
+        self.file_types: dict[str, str] = {}  # mimetype Slack reports, by file id (`share`)
+        self.file_teams: dict[str, str] = {}  # the workspace a shared file belongs to: only its token fetches it
         self.downloads: list[str] = []
+        self.download_tokens: list[str] = []  # the bearer token of every file download attempt, in order
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.socket: web.WebSocketResponse | None = None
         self.socket_connected = asyncio.Event()
         self.socket_acks: list[dict] = []
+        # Valid bot tokens and the workspace each speaks for; OAuth installs add one per workspace.
+        self.tokens: dict[str, str] = {BOT_TOKEN: TEAM}
+        self._codes: dict[str, dict[str, str]] = {}  # OAuth codes not yet exchanged
+        self.redirect_url = ""  # where Slack's authorize page sends the installer when no redirect_uri is given
 
     async def start(self) -> "FakeSlackApi":
         app = web.Application()
@@ -54,6 +65,7 @@ class FakeSlackApi:
         app.router.add_post("/respond/{name}", self._respond)
         app.router.add_get("/files/{file_id}", self._file)
         app.router.add_get("/socket", self._socket)
+        app.router.add_get("/oauth/v2/authorize", self._authorize)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -121,19 +133,22 @@ class FakeSlackApi:
                 params.update(await request.json())
             else:
                 params.update(await request.post())
-        token = request.headers.get("Authorization", "").removeprefix("Bearer ") or params.get("token")
-        self.calls.append(Call(method, params))
+        bearer = request.headers.get("Authorization", "")
+        token = (bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else "") or params.get("token")
+        self.calls.append(Call(method, params, token=token or ""))
+        if method == "oauth.v2.access":
+            return web.json_response(self._exchange(request, params))
         if method == "apps.connections.open":
             if token != APP_TOKEN:  # Socket Mode connections need the app-level token, not the bot token
                 return web.json_response({"ok": False, "error": "not_allowed_token_type"})
             return web.json_response({"ok": True, "url": f"ws{self.url.removeprefix('http')}socket"})
-        if token != BOT_TOKEN:
+        if token not in self.tokens:
             return web.json_response({"ok": False, "error": "invalid_auth"})
-        return web.json_response(self._answer(method, params))
+        return web.json_response(self._answer(method, params, team=self.tokens[token]))
 
-    def _answer(self, method: str, p: dict[str, Any]) -> dict[str, Any]:
+    def _answer(self, method: str, p: dict[str, Any], *, team: str = TEAM) -> dict[str, Any]:
         if method == "auth.test":
-            return {"ok": True, "url": self.url, "team": "Test", "user": "personabot", "team_id": TEAM,
+            return {"ok": True, "url": self.url, "team": "Test", "user": "personabot", "team_id": team,
                     "user_id": BOT_USER, "bot_id": "BBOT"}
         if method in ("chat.postMessage", "chat.startStream"):
             if method == "chat.startStream" and not self.streaming:
@@ -157,9 +172,7 @@ class FakeSlackApi:
         if method == "files.info":
             if p["file"] not in self.files:
                 return {"ok": False, "error": "file_not_found"}
-            name, data = self.files[p["file"]]
-            return {"ok": True, "file": {"id": p["file"], "name": name, "size": len(data),
-                                         "url_private_download": f"{self.url}files/{p['file']}"}}
+            return {"ok": True, "file": self.file_object(p["file"])}
         return {"ok": False, "error": "unknown_method"}
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
@@ -186,10 +199,65 @@ class FakeSlackApi:
         self.calls.append(Call(f"respond/{request.match_info['name']}", await request.json()))
         return web.Response(text="ok")
 
+    # -- OAuth: Slack's authorize page and the code exchange ------------------------------------------
+
+    def uninstall(self, team: str) -> None:
+        """The workspace removed the app: Slack revokes its tokens (and then sends app_uninstalled)."""
+        self.tokens = {token: owner for token, owner in self.tokens.items() if owner != team}
+
+    async def _authorize(self, request: web.Request) -> web.Response:
+        """An admin of `team` (default TEAM) approves the install: back to the app's redirect URL with a code."""
+        query = request.query
+        self.calls.append(Call("oauth/authorize", dict(query)))
+        if query.get("client_id") != CLIENT_ID:
+            return web.Response(status=400, text="invalid_client_id")
+        code = f"code-{next(self._ts)}"
+        self._codes[code] = {"team": query.get("team") or TEAM, "scope": query.get("scope", ""),
+                             "redirect_uri": query.get("redirect_uri", "")}
+        back = query.get("redirect_uri") or self.redirect_url
+        raise web.HTTPFound(f"{back}?{urlencode({'code': code, 'state': query.get('state', '')})}")
+
+    def _exchange(self, request: web.Request, params: dict[str, Any]) -> dict[str, Any]:
+        """oauth.v2.access: the app's credentials (HTTP Basic, as slack_sdk sends them, or form fields) and a
+        code used at most once give the workspace's new bot token."""
+        credentials = (params.get("client_id"), params.get("client_secret"))
+        if (basic := request.headers.get("Authorization", "")).startswith("Basic "):
+            credentials = tuple(base64.b64decode(basic.removeprefix("Basic ")).decode().split(":", 1))
+        if credentials != (CLIENT_ID, CLIENT_SECRET):
+            return {"ok": False, "error": "invalid_client_id"}
+        grant = self._codes.pop(params.get("code", ""), None)
+        if grant is None:
+            return {"ok": False, "error": "invalid_code"}
+        if grant["redirect_uri"] and params.get("redirect_uri") != grant["redirect_uri"]:
+            return {"ok": False, "error": "bad_redirect_uri"}
+        token = f"xoxb-{grant['team']}-{next(self._ts)}"
+        self.tokens[token] = grant["team"]
+        return {"ok": True, "app_id": "A1", "authed_user": {"id": "UINSTALLER"}, "scope": grant["scope"],
+                "token_type": "bot", "access_token": token, "bot_user_id": BOT_USER,
+                "team": {"id": grant["team"], "name": f"Team {grant['team']}"}, "enterprise": None,
+                "is_enterprise_install": False}
+
+    def share(self, file_id: str, name: str, data: bytes, *, mimetype: str = "", team: str = TEAM) -> dict[str, Any]:
+        """A file someone shared in `team`: what Slack puts in the message event's `files`."""
+        self.files[file_id] = (name, data)
+        self.file_types[file_id] = mimetype
+        self.file_teams[file_id] = team
+        return self.file_object(file_id)
+
+    def file_object(self, file_id: str) -> dict[str, Any]:
+        name, data = self.files[file_id]
+        url = f"{self.url}files/{file_id}"
+        return {"id": file_id, "name": name, "title": name, "mimetype": self.file_types.get(file_id, ""),
+                "size": len(data), "url_private": url, "url_private_download": f"{url}?download=1"}
+
     async def _file(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
-            return web.Response(text="<html>sign in</html>", content_type="text/html")
+        """A file's bytes, to its workspace's bot token only; anything else gets Slack's sign-in page."""
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         file_id = request.match_info["file_id"]
+        self.download_tokens.append(token)
+        owner = self.file_teams.get(file_id)
+        if token not in self.tokens or (owner is not None and self.tokens[token] != owner):
+            return web.Response(text="<html>sign in</html>", content_type="text/html")
         self.downloads.append(file_id)
         return web.Response(body=self.files[file_id][1], content_type="application/octet-stream")
 
@@ -287,5 +355,6 @@ def slack_settings(tmp_path: Path, personas: dict[str, str], model_url: str, api
     return Settings(
         _env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_PERSONAS_DIR=folder,
         PERSONABOT_BACKEND="openai", OPENAI_BASE_URL=model_url, OPENAI_API_KEY="sk-test",
-        SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_SIGNING_SECRET=SIGNING_SECRET, SLACK_API_URL=api.api_url, **extra,
+        **{"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_API_URL": api.api_url,
+           **extra},  # `extra` may override these (SLACK_BOT_TOKEN=None: tokens only from OAuth installs)
     )

@@ -26,6 +26,7 @@ from bot.platforms import discord_reply
 from bot.platforms.discord_bot import create_bot
 from bot.platforms.discord_reply import ReplyStream, conv_key
 from bot.render import open_fence
+from dpytest_harness import configure_dpytest
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,13 +59,8 @@ async def engine(request, tmp_path, openai_server, monkeypatch):
 @pytest.fixture
 async def bot(engine):
     bot = create_bot(engine, engine.settings, edit_interval=0.01)
-    await bot._async_setup_hook()
-    # The bot needs no privileged members intent (authors come with their messages), but dpytest builds its
-    # fake guild's roster through the member cache.
-    bot._connection._intents.members = True
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-    dpytest.configure(bot, guilds=["Guild"], text_channels=["general", "random"], voice_channels=0,
-                      members=["alice", "bob"])
+    await configure_dpytest(bot, guilds=["Guild"], text_channels=["general", "random"], voice_channels=0,
+                            members=["alice", "bob"])
     yield bot
     await dpytest.empty_queue()
 

@@ -18,6 +18,7 @@ from discord import app_commands
 
 from bot.conversation import Workspace
 from bot.platforms.discord_bot import create_bot
+from dpytest_harness import configure_dpytest
 from openai_server import openai_server  # noqa: F401  (fixture)
 from test_discord import WITH_KNOWLEDGE, FakeInteraction, bot_messages, engine, make_admin, submit  # noqa: F401
 
@@ -32,10 +33,7 @@ PIRATE = "You are a pirate. Arr."
 @pytest.fixture
 async def bot(engine):
     bot = create_bot(engine, engine.settings, edit_interval=0.01)
-    await bot._async_setup_hook()
-    bot._connection._intents.members = True  # dpytest builds its guilds' rosters through the member cache
-    bot._connection.member_cache_flags = discord.MemberCacheFlags.from_intents(bot._connection._intents)
-    dpytest.configure(bot, guilds=list(PEOPLE), text_channels=["general", "random"], voice_channels=0, members=0)
+    await configure_dpytest(bot, guilds=list(PEOPLE), text_channels=["general", "random"], voice_channels=0, members=0)
     users: dict[str, discord.User] = {}
     for name, people in PEOPLE.items():
         for person in people:  # the same user (one id) in every guild that lists them

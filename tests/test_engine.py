@@ -1,4 +1,5 @@
-"""The engine's reply path, end to end: real SQLite file, real `openai` client, real HTTP test server."""
+"""The engine's reply path, end to end: real SQLite file (and real PostgreSQL server, for the tests on the
+`engine` fixture), real `openai` client, real HTTP test server."""
 import asyncio
 import logging
 import shutil
@@ -7,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from openai_server import Reply, openai_server  # noqa: F401  (fixture)
+from postgres_server import query
 
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming, Role
 from bot.engine import (
     BUDGET_NOTICE, CONTENT_FILTER_NOTICE, CUT_OFF_NOTICE, PREFIX_TOKENS_CACHED, UNFINISHED_NOTICE, Engine, NotAdmin,
 )
-from bot.history import HistoryStore
+from bot.history import open_history
 from bot.models.base import GenParams
 from bot.models.openai import BROKE_OFF
 
@@ -37,8 +39,9 @@ def make_settings(tmp_path: Path, server, **extra) -> Settings:
 
 
 @pytest.fixture
-async def engine(tmp_path, openai_server):
-    engine = await Engine.create(make_settings(tmp_path, openai_server), knowledge=False)
+async def engine(tmp_path, openai_server, store_url):
+    extra = {"DATABASE_URL": store_url} if store_url else {}
+    engine = await Engine.create(make_settings(tmp_path, openai_server, **extra), knowledge=False)
     yield engine
     await engine.close()
 
@@ -110,8 +113,7 @@ async def test_one_off_answer_is_stored_and_counted_but_never_becomes_context(en
     await answer(engine, said("and now?"))
     sent = str(openai_server.last["messages"])
     assert "walrus" in sent and "p-value" not in sent
-    with sqlite3.connect(engine.history.path) as db:
-        threads = db.execute("SELECT thread FROM messages WHERE content LIKE '%p-value%'").fetchall()
+    threads = rows(engine, "SELECT thread FROM messages WHERE content LIKE '%p-value%' ORDER BY id")
     assert len(threads) == 2 and threads[0] == threads[1] and threads[0][0].startswith("one-off:")
     assert one_off == "echo: what is a p-value?"
 
@@ -153,9 +155,7 @@ async def test_non_admin_cannot_switch_persona(engine):
 
 async def test_admin_actions_are_audited(engine):
     await engine.set_persona(said("", admin=True, user="boss"), "comic")
-    with sqlite3.connect(engine.settings.db_path) as db:
-        rows = db.execute("SELECT user_id, action, detail FROM audit").fetchall()
-    assert ("boss", "set_persona", "comic") in rows
+    assert ("boss", "set_persona", "comic") in rows(engine, "SELECT user_id, action, detail FROM audit")
 
 
 async def test_length_finish_marks_the_reply_as_cut_off(engine, openai_server):
@@ -177,9 +177,16 @@ async def test_backend_error_gives_a_clear_message_and_keeps_the_users_turn(engi
     assert [m["content"] for m in openai_server.last["messages"][1:]] == ["are you there?", "retrying"]
 
 
-def stored(engine: Engine) -> list[tuple[str, str, str | None]]:
+def rows(engine: Engine, sql: str) -> list[tuple]:
+    """What the engine's store holds, read beside it (SQLite file or PostgreSQL database)."""
+    if engine.settings.database_url:
+        return query(engine.settings.database_url, sql)
     with sqlite3.connect(engine.history.path) as db:
-        return db.execute("SELECT role, content, finish_reason FROM messages ORDER BY id").fetchall()
+        return db.execute(sql).fetchall()
+
+
+def stored(engine: Engine) -> list[tuple[str, str, str | None]]:
+    return rows(engine, "SELECT role, content, finish_reason FROM messages ORDER BY id")
 
 
 @pytest.mark.parametrize("cut", [Reply(text="the answer is", drop_after=2),
@@ -200,6 +207,7 @@ async def test_a_refused_request_shows_a_plain_reason_and_logs_the_servers_words
     assert "sk-proxy-FAKE0123456789" in caplog.text
 
 
+@pytest.mark.parametrize("store_url", [None])  # SQLite's writer lock stands in for a slow disk
 async def test_the_first_words_wait_until_the_users_turn_is_on_disk(engine, openai_server):
     await answer(engine, said("warm up"))  # the database exists and the conversation is cached
     slow_disk = sqlite3.connect(engine.history.path, isolation_level=None)
@@ -226,7 +234,7 @@ async def test_a_reply_cancelled_mid_stream_is_stored_as_far_as_it_was_shown(eng
 async def test_many_conversations_leave_no_locks_behind(engine, openai_server):
     keys = [ConvKey("discord", "g1", f"c{n}", f"t{n % 7}") for n in range(300)]
     await asyncio.gather(*(answer(engine, said("hi", key)) for key in keys for _ in range(2)))
-    assert engine._turns == {}
+    assert engine.history.conversations_in_turn == 0
 
 
 async def test_persona_edits_keep_the_prompt_token_cache_bounded(engine):
@@ -277,7 +285,7 @@ async def test_reset_needs_an_admin_in_a_shared_channel_but_not_in_a_dm(engine, 
 
 async def test_stored_turns_carry_tokens_and_finish_reason(engine, openai_server, tmp_path):
     await answer(engine, said("count me"))
-    store = await HistoryStore.open(engine.settings.db_path)
+    store = await open_history(engine.settings)
     try:
         rows = await store.usage(None)
         assert sum(r["total"] for r in rows) > 0

@@ -315,7 +315,7 @@ def test_cli_reports_an_unknown_persona_without_training(tmp_path, settings, tin
     assert not (tmp_path / "o").exists()
 
 
-def test_from_history_adds_stored_conversations_under_the_personas_system_prompt(tmp_path, settings):
+def test_from_history_adds_stored_conversations_under_the_personas_system_prompt(tmp_path, settings, store_url):
     history = pytest.importorskip("bot.history")
     from bot.config import Settings
     from bot.conversation import ConvKey
@@ -324,11 +324,12 @@ def test_from_history_adds_stored_conversations_under_the_personas_system_prompt
     personas = tmp_path / "personas"
     personas.mkdir()
     (personas / "comic.yaml").write_text("name: comic\nsystem: You are a comic.\n")
-    settings = Settings(_env_file=None, PERSONABOT_DATA_DIR=settings.data_dir, PERSONABOT_PERSONAS_DIR=personas)
+    settings = Settings(_env_file=None, PERSONABOT_DATA_DIR=settings.data_dir, PERSONABOT_PERSONAS_DIR=personas,
+                        DATABASE_URL=store_url)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def store_chats() -> None:
-        store = await history.HistoryStore.open(settings.db_path)
+        store = await history.open_history(settings)
         for i in range(5):
             key = ConvKey("terminal", "", f"chan{i}")
             await store.append(key, "user", f"Joke {i}?", persona="comic")

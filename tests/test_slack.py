@@ -366,8 +366,11 @@ async def test_file_shared_with_a_question_gets_an_answer_not_an_upload(rig):
                            "files": [{"id": "F2", "name": "screenshot.png"}]})
     await stream_finished(rig)
 
-    assert rig.api.thread_text("C8", "1700000008.000001") == "echo: why does this fail?"
-    assert rig.api.downloads == []
+    # Read as the question's context (tests/test_images_in.py has the rest): four bytes are no picture.
+    assert rig.api.thread_text("C8", "1700000008.000001") == (
+        "_(I left out screenshot.png: it isn't a PNG, JPEG, GIF or WebP image)_\n\n"
+        "echo: why does this fail?\n\n[image not read: screenshot.png]")
+    assert rig.api.downloads == ["F2"]
 
 
 async def test_healthz_answers_ok(rig):
@@ -514,12 +517,18 @@ async def test_manifest_declares_exactly_the_commands_and_events_the_app_handles
 
     assert {c["command"] for c in manifest["features"]["slash_commands"]} == registered.commands
     events = manifest["settings"]["event_subscriptions"]["bot_events"]
-    assert {event.split(".")[0] for event in events} == registered.events
+    # A workspace's tokens are removed on these (bolt's revocation listeners with OAuth installs; see
+    # test_slack_installs.py).
+    revocations = {"tokens_revoked", "app_uninstalled"}
+    assert {event.split(".")[0] for event in events} == registered.events | revocations
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     needed = {"app_mention": "app_mentions:read", "message.im": "im:history", "message.channels": "channels:history",
               "message.groups": "groups:history", "assistant_thread_started": "assistant:write",
-              "assistant_thread_context_changed": "assistant:write"}
-    assert {needed[event] for event in events} | {"commands", "chat:write", "chat:write.customize"} <= scopes
+              "assistant_thread_context_changed": "assistant:write", "tokens_revoked": None, "app_uninstalled": None}
+    assert {needed[event] for event in events} - {None} | {"commands", "chat:write", "chat:write.customize"} <= scopes
+    # Installs in many workspaces (SLACK_CLIENT_ID) come back to GET /slack/oauth_redirect.
+    redirects = manifest["oauth_config"]["redirect_urls"]
+    assert len(redirects) == 1 and redirects[0].endswith("/slack/oauth_redirect")
     # The persona forms come back as signed view_submission requests to the same URL.
     assert registered.views and manifest["settings"]["interactivity"]["is_enabled"]
     assert manifest["settings"]["interactivity"]["request_url"].endswith("/slack/events")

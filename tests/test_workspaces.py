@@ -18,6 +18,7 @@ from openai_server import openai_server  # noqa: F401  (fixture)
 from bot.config import Settings
 from bot.conversation import ConvKey, Incoming, Role, Workspace
 from bot.engine import Engine, NotAdmin, PersonaRefused
+from bot.history import open_history
 from bot.migrations import MIGRATIONS, migrate
 from bot.personas import Persona, UnknownPersona
 
@@ -33,9 +34,14 @@ def make_settings(tmp_path: Path, server, **extra) -> Settings:
                     PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_PERSONAS_DIR=personas, **extra)
 
 
+def on(store_url: str | None) -> dict:
+    """The settings that put the engine on the store under test (SQLite when there is no URL)."""
+    return {"DATABASE_URL": store_url} if store_url else {}
+
+
 @pytest.fixture
-async def engine(tmp_path, openai_server):
-    engine = await Engine.create(make_settings(tmp_path, openai_server), knowledge=False)
+async def engine(tmp_path, openai_server, store_url):
+    engine = await Engine.create(make_settings(tmp_path, openai_server, **on(store_url)), knowledge=False)
     yield engine
     await engine.close()
 
@@ -65,8 +71,8 @@ async def test_a_workspace_copy_of_a_shipped_persona_shadows_it_there_only(engin
     assert (engine.settings.personas_dir / "assistant.yaml").read_text().count("Alpha's voice") == 0
 
 
-async def test_workspace_personas_survive_a_restart_and_keep_every_version(tmp_path, openai_server):
-    settings = make_settings(tmp_path, openai_server)
+async def test_workspace_personas_survive_a_restart_and_keep_every_version(tmp_path, openai_server, store_url):
+    settings = make_settings(tmp_path, openai_server, **on(store_url))
     engine = await Engine.create(settings, knowledge=False)
     admin = person(ALPHA, Role.ADMIN)
     await engine.save_persona(admin, Persona(name="pirate", system="Arr, first."), creating=True)
@@ -80,9 +86,12 @@ async def test_workspace_personas_survive_a_restart_and_keep_every_version(tmp_p
             await engine.personas.get(BETA.tenant, "pirate")
     finally:
         await engine.close()
-    with sqlite3.connect(settings.db_path) as db:
-        versions = db.execute("SELECT yaml FROM personas WHERE name = 'pirate' ORDER BY id").fetchall()
-        actions = db.execute("SELECT workspace, action, detail FROM audit ORDER BY id").fetchall()
+    store = await open_history(settings)
+    try:
+        versions = await store.fetch("SELECT yaml FROM personas WHERE name = 'pirate' ORDER BY id")
+        actions = await store.fetch("SELECT workspace, action, detail FROM audit ORDER BY id")
+    finally:
+        await store.close()
     assert ["first" in v[0] for v in versions] == [True, False]  # the edit kept what it replaced
     assert actions == [("111", "create_persona", "pirate"), ("111", "edit_persona", "pirate")]
 
@@ -188,10 +197,10 @@ async def test_a_database_from_before_workspaces_opens_with_nothing_lost(tmp_pat
 # -- the terminal ----------------------------------------------------------------------------------
 
 
-async def run_chat(tmp_path: Path, server, stdin: str, *args: str) -> str:
+async def run_chat(tmp_path: Path, server, stdin: str, *args: str, store_url: str | None = None) -> str:
     env = {**os.environ, "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": server.base_url,
            "PERSONABOT_DATA_DIR": str(tmp_path / "data"), "PERSONABOT_PERSONAS_DIR": str(REPO / "personas"),
-           "PERSONABOT_KNOWLEDGE_DIR": str(tmp_path / "knowledge")}
+           "PERSONABOT_KNOWLEDGE_DIR": str(tmp_path / "knowledge"), **on(store_url)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=env)
@@ -200,14 +209,18 @@ async def run_chat(tmp_path: Path, server, stdin: str, *args: str) -> str:
     return out.decode()
 
 
-async def test_terminal_workspaces_keep_their_personas_apart(tmp_path, openai_server):
+async def test_terminal_workspaces_keep_their_personas_apart(tmp_path, openai_server, store_url):
     form = "/persona create pirate\nCaptain\n.\n.\nYou are a pirate.\n.\n.\n"
-    made = await run_chat(tmp_path, openai_server, form + "/persona set pirate\nahoy\n", "chat", "--workspace", "a")
+    made = await run_chat(tmp_path, openai_server, form + "/persona set pirate\nahoy\n", "chat", "--workspace", "a",
+                          store_url=store_url)
     pirate_prompt = openai_server.last["messages"][0]["content"]
-    other = await run_chat(tmp_path, openai_server, "/persona list\n/persona set pirate\n", "chat", "--workspace", "b")
-    exported = await run_chat(tmp_path, openai_server, "", "personas", "export", "--workspace", "terminal:a")
+    other = await run_chat(tmp_path, openai_server, "/persona list\n/persona set pirate\n", "chat", "--workspace", "b",
+                           store_url=store_url)
+    exported = await run_chat(tmp_path, openai_server, "", "personas", "export", "--workspace", "terminal:a",
+                              store_url=store_url)
 
     assert "Saved **Captain** for this workspace" in made and pirate_prompt == "You are a pirate."
     assert "pirate" not in other.split("There is no persona")[0] and "There is no persona named 'pirate'" in other
     assert exported.startswith("name: pirate\ndisplay_name: Captain\n") and "You are a pirate." in exported
     assert not (REPO / "personas" / "pirate.yaml").exists()
+    assert (tmp_path / "data" / "personabot.sqlite3").exists() == (store_url is None)  # DATABASE_URL: no file

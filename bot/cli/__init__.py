@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Annotated, Any, Optional
 
 import typer
+from pydantic import ValidationError
 
 from bot import logs
 from bot.config import Settings
@@ -20,7 +21,15 @@ log = logging.getLogger(__name__)
 
 @app.callback()
 def _setup() -> None:
-    logs.configure(Settings().log_level)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Only where and why: pydantic's own text repeats the input, which holds the tokens and keys.
+        lines = [f"  {'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg'].removeprefix('Value error, ')}"
+                 for error in exc.errors()]
+        typer.echo("personabot: the settings (environment or .env) are invalid:\n" + "\n".join(lines), err=True)
+        raise typer.Exit(2) from None
+    logs.configure(settings.log_level)
 
 
 @app.command()
@@ -79,7 +88,8 @@ def run(
     if not (discord or slack):
         typer.echo(
             "No platform to start: set DISCORD_TOKEN, or SLACK_BOT_TOKEN with SLACK_SIGNING_SECRET (HTTP) or "
-            "SLACK_APP_TOKEN (Socket Mode). For a local chat, run `personabot chat`.",
+            "SLACK_APP_TOKEN (Socket Mode), or SLACK_CLIENT_ID and SLACK_CLIENT_SECRET with SLACK_SIGNING_SECRET "
+            "(installs in many workspaces). For a local chat, run `personabot chat`.",
             err=True,
         )
         raise typer.Exit(2)
@@ -155,4 +165,11 @@ app.command()(finetune.finetune)
 
 
 def main() -> None:
-    app()
+    from bot.history import HistoryError
+    from bot.migrations import SchemaTooNew
+
+    try:
+        app()
+    except (HistoryError, SchemaTooNew) as exc:  # a database that cannot be opened: what and why, no traceback
+        typer.echo(f"personabot: {exc}", err=True)
+        raise SystemExit(1) from None

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from bot.config import Settings
 from bot.conversation import Workspace
-from bot.history import HistoryStore
+from bot.history import open_history
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -27,9 +27,9 @@ def export(
     persona: Annotated[Optional[str], typer.Option(help="Only conversations held with this persona.")] = None,
 ) -> None:
     """Write stored conversations as OpenAI chat fine-tuning JSONL (what `finetune --data` reads)."""
-    db_path = _existing_db()
+    settings = _existing_history()
     if str(out) == "-":
-        count = asyncio.run(_export(db_path, sys.stdout, platform, channel, persona))
+        count = asyncio.run(_export(settings, sys.stdout, platform, channel, persona))
         typer.echo(f"Wrote {count} conversations.", err=True)
         return
     # Written beside the target and renamed at the end, so a failure never leaves half a file behind.
@@ -37,15 +37,15 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with partial.open("w", encoding="utf-8") as f:
-            count = asyncio.run(_export(db_path, f, platform, channel, persona))
+            count = asyncio.run(_export(settings, f, platform, channel, persona))
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     typer.echo(f"Wrote {count} conversations to {out}.")
 
 
-async def _export(db_path: Path, f, platform: str | None, channel: str | None, persona: str | None) -> int:  # type: ignore[no-untyped-def]
-    store = await HistoryStore.open(db_path)
+async def _export(settings: Settings, f, platform: str | None, channel: str | None, persona: str | None) -> int:  # type: ignore[no-untyped-def]
+    store = await open_history(settings)
     count = 0
     try:
         with tqdm(desc="conversations", unit="conv", disable=None, file=sys.stderr) as progress:
@@ -71,7 +71,7 @@ def usage(
         where = Workspace.parse(workspace) if workspace else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--workspace") from None
-    rows = asyncio.run(_usage(_existing_db(), first_day, where))
+    rows = asyncio.run(_usage(_existing_history(), first_day, where))
     if not rows:
         typer.echo("No token usage recorded" + (f" since {first_day}." if first_day else "."))
         return
@@ -89,17 +89,18 @@ def usage(
         typer.echo("  ".join(cells).rstrip())
 
 
-async def _usage(db_path: Path, since: date | None, workspace: Workspace | None) -> list[dict]:
-    store = await HistoryStore.open(db_path)
+async def _usage(settings: Settings, since: date | None, workspace: Workspace | None) -> list[dict]:
+    store = await open_history(settings)
     try:
         return await store.usage(since, workspace)
     finally:
         await store.close()
 
 
-def _existing_db() -> Path:
-    db_path = Settings().db_path
-    if not db_path.exists():
-        typer.echo(f"No history yet: {db_path} does not exist (check PERSONABOT_DATA_DIR).", err=True)
+def _existing_history() -> Settings:
+    """The settings, once there is history to read: a PostgreSQL database (DATABASE_URL) or the SQLite file."""
+    settings = Settings()
+    if not settings.database_url and not settings.db_path.exists():
+        typer.echo(f"No history yet: {settings.db_path} does not exist (check PERSONABOT_DATA_DIR).", err=True)
         raise typer.Exit(1)
-    return db_path
+    return settings

@@ -11,7 +11,7 @@ import typer
 from bot.character_card import load_card, persona_from_card
 from bot.config import Settings
 from bot.conversation import Workspace
-from bot.history import HistoryStore
+from bot.history import open_history
 from bot.persona_catalog import Origin, PersonaCatalog
 from bot.personas import SUFFIXES, PersonaError, PersonaLibrary, UnknownPersona, dump_persona, load_persona
 
@@ -33,7 +33,7 @@ def _in_workspace(workspace: str | None, work: Callable[[PersonaCatalog, Workspa
     settings = Settings()
 
     async def main() -> T:
-        history = await HistoryStore.open(settings.db_path)
+        history = await open_history(settings)
         try:
             return await work(PersonaCatalog(PersonaLibrary(settings.personas_dir), history), where)
         finally:

@@ -133,7 +133,8 @@ class Workbench:
         await retriever.sync()
         index_seconds = time.perf_counter() - began
         # Evaluation asks many questions in a row: a daily token budget meant for a channel must not cut it short.
-        engine_settings = settings.model_copy(update={"daily_token_budget": None})
+        # Its history is its own temporary SQLite file, never the bot's shared database (DATABASE_URL).
+        engine_settings = settings.model_copy(update={"daily_token_budget": None, "database_url": None})
         engine_settings.__dict__.pop("db_path", None)  # a cached_property copied along would point at the real one
         registry = _RecordingRegistry(engine_settings)
         history = await HistoryStore.open(work / "history.sqlite3")

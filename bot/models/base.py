@@ -12,9 +12,35 @@ Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "content_filter", "error"]
 
 
+class TextPart(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(TypedDict):
+    url: str  # a `data:image/png;base64,...` URL: the bytes the bot checked, not a link the server must fetch
+
+
+class ImagePart(TypedDict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = TextPart | ImagePart
+
+
 class Message(TypedDict):
     role: Role
-    content: str
+    # Text, except the user's turn to a model that accepts images: OpenAI's content parts, text first. Local
+    # models and history only ever see text.
+    content: str | list[ContentPart]
+
+
+def text_of(content: str | list[ContentPart]) -> str:
+    """The words of a message's content, whatever its shape (images contribute nothing)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part["type"] == "text")
 
 
 @dataclass(frozen=True)

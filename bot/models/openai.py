@@ -52,6 +52,25 @@ KNOWN_CONTEXT_WINDOWS = {
     "o4-mini": 200_000,
 }
 
+# Which of OpenAI's chat models take image parts, matched by longest prefix like the windows above. Others, and
+# every model of a compatible server, read text only unless PERSONABOT_VISION_MODELS or a persona says otherwise.
+KNOWN_VISION = {
+    "gpt-5": True,
+    "gpt-4.1": True,
+    "gpt-4.5": True,
+    "gpt-4o": True,
+    "gpt-4o-audio": False,
+    "gpt-4o-realtime": False,
+    "chatgpt-4o": True,
+    "gpt-4-turbo": True,
+    "o1": True,
+    "o1-mini": False,
+    "o1-preview": False,
+    "o3": True,
+    "o3-mini": False,
+    "o4-mini": True,
+}
+
 # Reasoning models refuse `temperature`/`top_p` and take `max_completion_tokens`, which also pays for their
 # hidden reasoning: without headroom a persona's 400-token cap would often end in an empty, cut-off reply.
 REASONING_MODEL = re.compile(r"^(o\d|gpt-5(?!-chat))")
@@ -69,6 +88,12 @@ def known_context_window(model: str) -> int | None:
     name = model.rsplit("/", 1)[-1].lower()  # "openai/gpt-4o" as some gateways name it
     matches = [prefix for prefix in KNOWN_CONTEXT_WINDOWS if name.startswith(prefix)]
     return KNOWN_CONTEXT_WINDOWS[max(matches, key=len)] if matches else None
+
+
+def known_vision(model: str) -> bool:
+    name = model.rsplit("/", 1)[-1].lower()
+    matches = [prefix for prefix in KNOWN_VISION if name.startswith(prefix)]
+    return KNOWN_VISION[max(matches, key=len)] if matches else False
 
 
 class OpenAIChatModel:

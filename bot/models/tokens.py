@@ -18,7 +18,7 @@ import math
 import threading
 from typing import TYPE_CHECKING, Iterable
 
-from bot.models.base import Message
+from bot.models.base import ContentPart, Message
 
 if TYPE_CHECKING:
     import tiktoken
@@ -32,6 +32,10 @@ REPLY_PRIMING = 3
 BYTES_PER_TOKEN_ESTIMATE = 3
 DEFAULT_ENCODING = "o200k_base"  # GPT-4o and later; also the closest guess for unknown model names
 FIRST_WAIT_S = 1.0  # the longest one count ever waits for a vocabulary to load
+# An image part, priced at the most a high-detail image costs on GPT-4o: scaled into 2048 px, its short side to
+# 768, it is at most 2 x 4 tiles of 512 px, 170 tokens each, plus 85. Without the picture's size at hand, the
+# ceiling keeps the history budget on the safe side, as the byte estimate does for text.
+IMAGE_TOKENS = 85 + 170 * 8
 
 
 class _Vocabulary:
@@ -101,4 +105,9 @@ class TokenCounter:
         return len(encoding.encode(text, disallowed_special=()))
 
     def messages(self, messages: Iterable[Message]) -> int:
-        return sum(PER_MESSAGE + self.text(m["content"]) for m in messages) + REPLY_PRIMING
+        return sum(PER_MESSAGE + self.content(m["content"]) for m in messages) + REPLY_PRIMING
+
+    def content(self, content: str | list[ContentPart]) -> int:
+        if isinstance(content, str):
+            return self.text(content)
+        return sum(self.text(part["text"]) if part["type"] == "text" else IMAGE_TOKENS for part in content)

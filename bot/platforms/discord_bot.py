@@ -6,6 +6,14 @@ message is addressed to the bot and hands the stream to `ReplyStream`.
 
 The bot needs the privileged MESSAGE_CONTENT intent (Developer Portal → Bot → Privileged Gateway Intents) to
 read what people write; without it Discord refuses the connection, and `run_discord` says how to turn it on.
+
+Sharding: the bot is an `AutoShardedBot`. With DISCORD_SHARD_COUNT and DISCORD_SHARD_IDS unset it asks Discord
+for the recommended shard count and runs every shard in this process; set, it runs only the shards listed, so
+several processes split them. A guild lives on exactly one shard (`(guild_id >> 22) % shard_count`) and DMs on
+shard 0, so each conversation is always served by one process, and what the bot remembers per channel (its
+webhook there, the note that it could not use one) is correct per shard without any sharing. The presence, if
+one is ever set, belongs in the constructor (`activity=`, or the `activity` property): every shard sends it in
+its IDENTIFY, also when it identifies again after a reconnect, which forgets a `change_presence` made since.
 """
 from __future__ import annotations
 
@@ -27,9 +35,11 @@ from bot.platforms.discord_reply import (
 log = logging.getLogger(__name__)
 
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+# Gateway close codes: https://discord.com/developers/docs/topics/opcodes-and-status-codes#gateway
+INVALID_SHARD, SHARDING_REQUIRED = 4010, 4011
 
 
-class PersonaBot(commands.Bot):
+class PersonaBot(commands.AutoShardedBot):
     """Chat happens in `on_message`; everything else is a slash command (discord_commands.py)."""
 
     def __init__(self, engine: Engine, settings: Settings, *, edit_interval: float = EDIT_INTERVAL):
@@ -41,6 +51,8 @@ class PersonaBot(commands.Bot):
             intents=intents,
             allowed_mentions=safe_mentions(),
             help_command=None,
+            shard_count=settings.discord_shard_count,
+            shard_ids=list(settings.discord_shard_ids) if settings.discord_shard_ids else None,
         )
         self.engine = engine
         self.settings = settings
@@ -48,12 +60,36 @@ class PersonaBot(commands.Bot):
         self.webhooks = PersonaWebhooks()
         add_commands(self)
 
+    @property
+    def runs_first_shard(self) -> bool:
+        """Shard 0 gets the DMs; its process also registers the slash commands, once for every process."""
+        return self.shard_ids is None or 0 in self.shard_ids
+
+    def describe_shards(self) -> str:
+        ids = self.shard_ids if self.shard_ids is not None else sorted(self.shards) or None
+        shards = ",".join(map(str, ids)) if ids is not None else "all"
+        total = self.shard_count if self.shard_count is not None else "Discord's recommended count"
+        return f"shards {shards} of {total}"
+
     async def setup_hook(self) -> None:
         # Bulk overwrite is idempotent and cheap when nothing changed; new commands show up within a minute.
-        await self.tree.sync()
+        # Commands are global, so one process syncing them is enough (and N processes would spend N rate limits).
+        if self.runs_first_shard:
+            await self.tree.sync()
 
     async def on_ready(self) -> None:
-        log.info("connected to Discord as %s in %d servers", self.user, len(self.guilds))
+        # Once every shard of this process is ready; its servers are those shards' only.
+        log.info("connected to Discord as %s: %s, %d servers", self.user, self.describe_shards(), len(self.guilds))
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        log.info("Discord shard %d of %s ready: %d servers", shard_id, self.shard_count,
+                 sum(1 for guild in self.guilds if guild.shard_id == shard_id))
+
+    async def on_shard_disconnect(self, shard_id: int) -> None:
+        log.info("Discord shard %d disconnected; discord.py reconnects it", shard_id)
+
+    async def on_shard_resumed(self, shard_id: int) -> None:
+        log.info("Discord shard %d resumed", shard_id)
 
     async def on_message(self, message: discord.Message) -> None:
         # Nothing a bot or a webhook writes is answered (a webhook's author need not be marked a bot): two
@@ -63,8 +99,9 @@ class PersonaBot(commands.Bot):
         if not await self.is_addressed(message):
             return
         text = self.strip_own_mention(message.content, message.guild)
-        incoming = make_incoming(self.engine, message.author, message.channel, text)
-        if not text:
+        # Attachments go to the engine as they are: it decides which to download (images, text files).
+        incoming = make_incoming(self.engine, message.author, message.channel, text, message.attachments)
+        if not text and not message.attachments:
             if isinstance(message.channel, discord.DMChannel) or self.user in message.mentions:
                 await self.introduce(message, incoming)
             return
@@ -165,6 +202,7 @@ async def run_discord(engine: Engine, settings: Settings) -> None:
     if not settings.discord_token:
         raise ValueError("DISCORD_TOKEN is not set")
     bot = create_bot(engine, settings)
+    log.info("starting Discord: %s", bot.describe_shards())
     try:
         async with bot:
             await bot.start(settings.discord_token)
@@ -177,3 +215,16 @@ async def run_discord(engine: Engine, settings: Settings) -> None:
         raise RuntimeError(
             "Discord rejected DISCORD_TOKEN; copy it again from the Developer Portal (Bot → Reset Token)."
         ) from None
+    except discord.ConnectionClosed as exc:
+        if exc.code == SHARDING_REQUIRED:
+            raise RuntimeError(
+                f"Discord requires more shards for this bot's servers than DISCORD_SHARD_COUNT="
+                f"{settings.discord_shard_count}: raise it in every process, or unset DISCORD_SHARD_COUNT and "
+                "DISCORD_SHARD_IDS to run Discord's recommended count in one process."
+            ) from None
+        if exc.code == INVALID_SHARD:
+            raise RuntimeError(
+                f"Discord refused the shard settings ({bot.describe_shards()}): check DISCORD_SHARD_COUNT and "
+                "DISCORD_SHARD_IDS."
+            ) from None
+        raise

@@ -16,9 +16,11 @@ import discord
 from discord import app_commands
 
 from bot import commands
-from bot.conversation import Attachment, Incoming
+from bot.conversation import Incoming
 from bot.engine import Engine
-from bot.platforms.discord_reply import DISCORD_LIMIT, ReplyStream, conv_key, make_incoming, safe_mentions
+from bot.platforms.discord_reply import (
+    DISCORD_LIMIT, ReplyStream, attachment, conv_key, make_incoming, safe_mentions,
+)
 from bot.render import clip, split_message
 
 if TYPE_CHECKING:
@@ -60,7 +62,7 @@ def _app_command(bot: "PersonaBot", cmd: commands.Command, parent: app_commands.
     engine = bot.engine
 
     async def callback(interaction: discord.Interaction, **options: Any) -> None:
-        args = {name: _attachment(value) if isinstance(value, discord.Attachment) else value
+        args = {name: attachment(value) if isinstance(value, discord.Attachment) else value
                 for name, value in options.items()}
         await render(bot, interaction, cmd, commands.run(engine, incoming_for(engine, interaction), cmd.path, args))
 
@@ -237,10 +239,6 @@ def _ask_menu(bot: "PersonaBot"):
 
 def incoming_for(engine: Engine, interaction: discord.Interaction, text: str = "") -> Incoming:
     return make_incoming(engine, interaction.user, interaction.channel, text)
-
-
-def _attachment(file: discord.Attachment) -> Attachment:
-    return Attachment(file.filename, file.size, file.read)
 
 
 async def say(interaction: discord.Interaction, content: str, *, ephemeral: bool = True) -> None:

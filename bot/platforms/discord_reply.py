@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import aiohttp
 import discord
 
-from bot.conversation import ConvKey, Incoming
+from bot.conversation import Attachment, ConvKey, Incoming
 from bot.personas import Persona, avatar_url
 from bot.render import EMPTY_REPLY, FAILURE_NOTICE, close_open_fence, split_message
 
@@ -60,17 +61,24 @@ def conv_key(channel: discord.abc.Messageable) -> ConvKey:
     return ConvKey("discord", workspace, str(getattr(channel, "id", "")))
 
 
-def make_incoming(engine: "Engine", user: discord.abc.User, channel: discord.abc.Messageable, text: str) -> Incoming:
+def make_incoming(engine: "Engine", user: discord.abc.User, channel: discord.abc.Messageable, text: str,
+                  files: Sequence[discord.Attachment] = ()) -> Incoming:
     """Who is asking: an owner (PERSONABOT_ADMINS), this server's admin (Manage Server here), or a member."""
     permissions = getattr(user, "guild_permissions", None)
     return Incoming(
         key=conv_key(channel),
         user_id=str(user.id),
         text=text,
+        attachments=tuple(map(attachment, files)),
         user_name=getattr(user, "display_name", user.name),
         role=engine.role("discord", str(user.id), workspace_admin=bool(permissions and permissions.manage_guild)),
         is_private=getattr(channel, "guild", None) is None,  # a DM (also when it arrives as a partial channel)
     )
+
+
+def attachment(file: discord.Attachment) -> Attachment:
+    """A Discord attachment as the engine takes it; `read()` fetches it from the CDN only if the engine reads it."""
+    return Attachment(file.filename, file.size, file.read, file.content_type or "")
 
 
 # -- engine → Discord --------------------------------------------------------------------------------
@@ -128,13 +136,17 @@ class PersonaWebhooks:
     Discord allows 15 webhooks a channel and rate-limits creating them, so the bot looks for its own before
     making one, and remembers the most recent `size` channels' (a handful of bytes each). It also remembers
     where it already said why it could not use one, so that is said once per channel, not on every reply.
+    Both are keyed by channel id, which belongs to one guild and so to one shard: a process running several
+    shards keeps them apart, and processes running other shards never see those channels.
     """
 
     def __init__(self, size: int = 1024):
         self.size = size
         self._hooks: OrderedDict[int, discord.Webhook] = OrderedDict()
         self._told: OrderedDict[int, None] = OrderedDict()
-        self._lock = asyncio.Lock()  # two first replies in one channel must not make two webhooks
+        # Two first replies in one channel must not make two webhooks; other channels (thousands, across the
+        # shards) must not wait for this one's lookup, so the lock is per channel, gone when nobody holds it.
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def get(self, channel: discord.TextChannel, *, create: bool = True) -> discord.Webhook | None:
         """The bot's webhook in `channel`, or None where it may not manage webhooks."""
@@ -143,7 +155,10 @@ class PersonaWebhooks:
             return hook
         if not channel.permissions_for(channel.guild.me).manage_webhooks:
             return None
-        async with self._lock:
+        lock = self._locks.get(channel.id)
+        if lock is None:
+            lock = self._locks[channel.id] = asyncio.Lock()
+        async with lock:
             if (hook := self._hooks.get(channel.id)) is None:
                 me = channel.guild.me
                 mine = [h for h in await channel.webhooks()

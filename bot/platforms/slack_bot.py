@@ -233,6 +233,7 @@ class SlackBot:
         if not user or not self._recent.first_time(("message", team, channel, ts)):
             return
         thread = event.get("thread_ts") or ts
+        files = event.get("files") or []
         incoming = Incoming(
             key=ConvKey("slack", team, channel, thread),
             user_id=user,
@@ -240,10 +241,14 @@ class SlackBot:
             is_private=event.get("channel_type") == "im" or channel.startswith("D"),
         )
         identity = persona_identity(await self.engine.active_persona(incoming.key), self.engine.settings.public_url)
-        if event.get("files") and (not incoming.text or _UPLOAD_WORDS.match(incoming.text)):
-            await self._add_files(client, event["files"], incoming, thread, identity)
+        # Images shared without words are something to look at, not documents for the knowledge base.
+        wordless_upload = not incoming.text and not all(_is_image(shared) for shared in files)
+        if files and (wordless_upload or _UPLOAD_WORDS.match(incoming.text)):
+            await self._add_files(client, files, incoming, thread, identity)
             return
-        if not incoming.text:
+        # Whatever else came with the message goes to the engine, which decides what to download.
+        incoming = dataclasses.replace(incoming, attachments=tuple(self._attachment(client, f) for f in files))
+        if not incoming.text and not files:
             await client.chat_postMessage(channel=channel, thread_ts=thread, text="Yes? Ask me something.",
                                           **identity)
             return
@@ -277,6 +282,18 @@ class SlackBot:
         await client.chat_postMessage(channel=incoming.key.channel, thread_ts=thread,
                                       text=to_mrkdwn("\n".join(dict.fromkeys(reports))), **identity)
 
+    def _attachment(self, client: AsyncWebClient, shared: dict[str, Any]) -> Attachment:
+        """A file from the event as the engine takes it: downloaded only if the engine reads it, with this
+        workspace's bot token; files.info first only when the event left out its URL (Slack Connect files)."""
+        async def read() -> bytes:
+            info = shared
+            if not (info.get("url_private_download") or info.get("url_private")):
+                info = (await client.files_info(file=shared["id"]))["file"]
+            return await self._download(client, info)
+
+        return Attachment(shared.get("name") or shared.get("title") or shared.get("id", "file"),
+                          shared.get("size") or 0, read, shared.get("mimetype") or "")
+
     async def _download(self, client: AsyncWebClient, info: dict[str, Any]) -> bytes:
         url = info.get("url_private_download") or info["url_private"]
         headers = {"Authorization": f"Bearer {client.token}"}
@@ -285,6 +302,10 @@ class SlackBot:
                 if response.content_type == "text/html":  # Slack's sign-in page: the token lacks files:read
                     raise aiohttp.ClientError("Slack answered with a sign-in page; does the app have files:read?")
                 return await response.read()
+
+
+def _is_image(shared: dict[str, Any]) -> bool:
+    return str(shared.get("mimetype", "")).startswith("image/")
 
 
 def _written_by_a_bot(event: dict) -> bool:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
@@ -40,13 +41,19 @@ class SlackConfigError(ValueError):
 
 def slack_configured(settings: Settings) -> bool:
     """Whether `personabot run` should start Slack at all."""
-    return bool(settings.slack_bot_token and (settings.slack_app_token or settings.slack_signing_secret))
+    token = settings.slack_bot_token or oauth_configured(settings)
+    return bool(token and (settings.slack_app_token or settings.slack_signing_secret))
 
 
-def _web_client(settings: Settings) -> AsyncWebClient:
+def oauth_configured(settings: Settings) -> bool:
+    """SLACK_CLIENT_ID and SLACK_CLIENT_SECRET: installs through OAuth, a token per workspace, no SLACK_BOT_TOKEN."""
+    return bool(settings.slack_client_id and settings.slack_client_secret)
+
+
+def _web_client(settings: Settings, *, token: str | None) -> AsyncWebClient:
     base_url = settings.slack_api_url or SLACK_API_URL
     return AsyncWebClient(
-        token=settings.slack_bot_token,
+        token=token,
         base_url=base_url if base_url.endswith("/") else base_url + "/",
         retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
     )
@@ -55,24 +62,76 @@ def _web_client(settings: Settings) -> AsyncWebClient:
 class PersonabotApp(AsyncApp):
     """bolt's app, carrying the settings its HTTP route (`create_web_app`) checks requests with before bolt."""
 
-    def __init__(self, settings: Settings, **kwargs: Any):
+    def __init__(self, settings: Settings, history: Any = None, **kwargs: Any):
         super().__init__(signing_secret=settings.slack_signing_secret or "", **kwargs)
         self.settings = settings
+        self.history = history  # the engine's store: on PostgreSQL, replayed requests are recorded through it
 
 
 def create_slack_app(engine: "Engine", settings: Settings) -> PersonabotApp:
-    """The bolt app with every listener registered; serve it with `create_web_app` or Socket Mode."""
+    """The bolt app with every listener registered; serve it with `create_web_app` or Socket Mode.
+
+    With SLACK_CLIENT_ID and SLACK_CLIENT_SECRET, workspaces install the app through bolt's OAuth flow and
+    bolt's authorize step gives each request's client that workspace's token (slack_installs.py); otherwise
+    every request uses SLACK_BOT_TOKEN."""
+    if settings.slack_client_id or settings.slack_client_secret:
+        return _create_oauth_app(engine, settings)
     if not settings.slack_bot_token:
-        raise SlackConfigError("SLACK_BOT_TOKEN is not set (the bot token, xoxb-…, from the app's OAuth page).")
+        raise SlackConfigError("SLACK_BOT_TOKEN is not set (the bot token, xoxb-…, from the app's OAuth page), "
+                               "nor SLACK_CLIENT_ID and SLACK_CLIENT_SECRET (to install in many workspaces).")
     if not (settings.slack_signing_secret or settings.slack_app_token):
         raise SlackConfigError(
             "Set SLACK_SIGNING_SECRET to receive events over HTTP, or SLACK_APP_TOKEN (xapp-…) for Socket Mode."
         )
     app = PersonabotApp(
         settings,
-        client=_web_client(settings),
+        history=engine.history,
+        client=_web_client(settings, token=settings.slack_bot_token),
         process_before_response=False,  # ack goes back at once; the listener keeps running after it
     )
+    app.event("tokens_revoked")(_single_token_revoked)
+    app.event("app_uninstalled")(_single_token_revoked)
+    SlackBot(engine).register(app)
+    return app
+
+
+async def _single_token_revoked(event: dict, body: dict) -> None:
+    """With one SLACK_BOT_TOKEN there is nothing to remove, but the operator should hear the token died."""
+    log.warning("Slack: %s for team %s; SLACK_BOT_TOKEN no longer works there", event.get("type"),
+                body.get("team_id"))
+
+
+def _create_oauth_app(engine: "Engine", settings: Settings) -> PersonabotApp:
+    from bot.platforms.slack_installs import oauth_settings
+
+    for name, value in (("SLACK_CLIENT_ID", settings.slack_client_id),
+                        ("SLACK_CLIENT_SECRET", settings.slack_client_secret),
+                        ("SLACK_SIGNING_SECRET", settings.slack_signing_secret)):
+        if not value:
+            raise SlackConfigError(f"{name} is not set: installing in many workspaces needs SLACK_CLIENT_ID, "
+                                   "SLACK_CLIENT_SECRET and SLACK_SIGNING_SECRET (the app's Basic Information).")
+    if settings.slack_app_token:
+        raise SlackConfigError("SLACK_APP_TOKEN (Socket Mode) and SLACK_CLIENT_ID do not go together here: "
+                               "installs in many workspaces are served over HTTP; unset SLACK_APP_TOKEN.")
+    if settings.slack_bot_token:
+        log.info("Slack: SLACK_CLIENT_ID is set, so SLACK_BOT_TOKEN is not used; workspaces install via "
+                 "/slack/install")
+    oauth = oauth_settings(settings, engine.history)
+    client = _web_client(settings, token=None)  # each request's client gets its workspace's token
+    app = PersonabotApp(
+        settings,
+        history=engine.history,
+        client=client,
+        oauth_settings=oauth,
+        # bolt's own authorize step, with auth.test's answer kept per token: one auth.test per workspace per
+        # process, not one per request. A workspace removed from the store is refused before the cache is read.
+        authorize=AsyncInstallationStoreAuthorize(
+            logger=log, installation_store=oauth.installation_store, client_id=oauth.client_id,
+            client_secret=oauth.client_secret, cache_enabled=True, client=client,
+        ),
+        process_before_response=False,
+    )
+    app.enable_token_revocation_listeners()  # tokens_revoked, app_uninstalled: that workspace's rows go
     SlackBot(engine).register(app)
     return app
 
@@ -107,13 +166,27 @@ def create_web_app(slack_app: PersonabotApp | None, *, metrics_token: str | None
                     web.get("/avatars/{file}", avatar)])
     if slack_app is not None:
         app.add_routes([web.post("/slack/events", _events_route(slack_app, app))])
+        if (flow := slack_app.oauth_flow) is not None:
+            app.add_routes([web.get(flow.install_path, _oauth_route(flow.handle_installation)),
+                            web.get(flow.redirect_uri_path, _oauth_route(flow.handle_callback))])
     return app
+
+
+def _oauth_route(handle):
+    """`GET /slack/install` and `GET /slack/oauth_redirect`: bolt's OAuth flow, as its own aiohttp server runs
+    it (the state cookie and the single-use state are checked there)."""
+
+    async def route(request: web.Request) -> web.Response:
+        return await to_aiohttp_response(await handle(await to_bolt_request(request)))
+
+    return route
 
 
 def _events_route(slack_app: PersonabotApp, web_app: web.Application):
     """`POST /slack/events`: signature first, over the raw bytes, then once per request, then bolt."""
     verifier = SignatureVerifier(slack_app.settings.slack_signing_secret or "")
-    replays = ReplayGuard(slack_app.settings.db_path)
+    shared = slack_app.history is not None and slack_app.history.shared
+    replays = ReplayGuard(store=slack_app.history) if shared else ReplayGuard(slack_app.settings.db_path)
 
     async def close_replays(_: web.Application) -> None:
         await replays.close()
@@ -156,8 +229,10 @@ async def run_slack(engine: "Engine", settings: Settings) -> None:
     runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.bind_address, settings.port).start()
-    log.info("Slack: listening on %s port %d (%s)", settings.bind_address, settings.port,
-             "GET /healthz, GET /metrics" if socket_mode else "POST /slack/events, GET /healthz, GET /metrics")
+    routes = "GET /healthz, GET /metrics" if socket_mode else "POST /slack/events, GET /healthz, GET /metrics"
+    if slack_app.oauth_flow is not None:
+        routes += ", GET /slack/install, GET /slack/oauth_redirect"
+    log.info("Slack: listening on %s port %d (%s)", settings.bind_address, settings.port, routes)
     try:
         if socket_mode:
             from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler

@@ -5,6 +5,8 @@ Global collections (knowledge/<collection>/) are seen by every workspace; a work
 
 parse → chunk → embed (sentence-transformers) → store (SQLite: manifest, chunks, vectors, FTS5) and
 vectors (FAISS per collection) → search (dense + BM25, fused) → a grounding block for the system message.
+Several processes share one index: each one's FAISS follows the store's change log; with DATABASE_URL the
+store is a replica of PostgreSQL's knowledge tables (replica.py).
 """
 from bot.retrieval.retriever import Retriever, SyncReport
 from bot.retrieval.search import Grounding, Hit

@@ -5,6 +5,12 @@ own (see folders.py). `sync` compares them with a manifest of content hashes: an
 stat, a changed one is re-chunked and only chunks whose text is new are embedded, a removed one leaves the
 index. Every question and admin action names a workspace (None: global knowledge only), and sees or touches
 nothing that workspace cannot see. All blocking work runs in threads, off the event loop.
+
+Several processes may share one data dir, or with DATABASE_URL one PostgreSQL database whose knowledge tables
+each process's index replicates (replica.py). Their index-changing jobs take turns (a lock file beside the
+index; an advisory lock in PostgreSQL), so that a document is embedded once, by whichever process got to it
+first; every process's FAISS indexes follow the store's change log, before each search and every
+FOLLOW_SECONDS, from the stored vectors.
 """
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +42,13 @@ from bot.retrieval.uploads import (DEFAULT_MAX_BYTES, UploadRefused, check, chec
                                    safe_collection, safe_filename)
 from bot.retrieval.vectors import Indexes
 
+try:
+    import fcntl
+except ImportError:  # Windows: one process per data dir
+    fcntl = None
+
 T = TypeVar("T")
+_BM25 = ThreadPoolExecutor(4, thread_name_prefix="bm25")  # the lexical half of concurrent searches
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +59,9 @@ GROUNDING_CANDIDATES = 8
 # "documents": rank documents, then their passages (search.fuse_by_document); "passages": RRF over passages
 FUSION = "documents"
 CHUNKS_PER_COMMIT = 2048  # an interrupted ingest keeps what it finished; big enough to batch well
+FOLLOW_SECONDS = 0.25  # how often an idle process catches up with other processes' changes (4 µs when none)
+SEARCH_CATCH_UP = 256  # changes a search applies itself before it runs; more are the follower thread's
+SEARCH_WAIT_SECONDS = 0.1  # how long a search waits for another thread applying changes (a build takes longer)
 
 
 @dataclass
@@ -71,7 +88,7 @@ class SyncReport:
 class Retriever:
     def __init__(self, knowledge_dir: Path, workspaces_dir: Path, index_dir: Path, embedder: Embedder, *,
                  max_upload_bytes: int | None = DEFAULT_MAX_BYTES, min_similarity: float = ranking.MIN_SIMILARITY,
-                 budget_tokens: int = GROUNDING_BUDGET, progress: bool = False):
+                 budget_tokens: int = GROUNDING_BUDGET, progress: bool = False, database_url: str | None = None):
         self.knowledge_dir = knowledge_dir
         self.workspaces_dir = workspaces_dir  # <workspaces_dir>/<platform>/<id>/knowledge/<collection>/...
         self.index_dir = index_dir
@@ -81,7 +98,22 @@ class Retriever:
         self.budget_tokens = budget_tokens
         self.progress = progress
         self.fusion = FUSION
-        self.store = Store(index_dir / "index.sqlite3")
+        self.reranker: ranking.Reranker | None = None  # a cross-encoder over the fused top passages, when installed
+        self._stop_following = threading.Event()
+        self._wake = threading.Event()  # set by the primary's NOTIFY: another process changed the index
+        self._follower: threading.Thread | None = None
+        # set while this process runs an index-changing job: it holds the turn, so every change meanwhile is its
+        # own, and its reconcile applies them; following them one by one as well would copy big indexes for nothing
+        self._indexing = threading.Event()
+        if database_url:  # PostgreSQL is the source of truth; index.sqlite3 its replica (replica.py)
+            from bot.retrieval.replica import ReplicatedStore
+
+            self.store: Store = ReplicatedStore(index_dir / "index.sqlite3", database_url, self._wake.set)
+        else:
+            self.store = Store(index_dir / "index.sqlite3")
+            # a former replica is standalone from now on; should it be one again, it starts over from PostgreSQL
+            if self.store.get_meta("replica_of"):
+                self.store.set_meta("replica_of", "")
         self._chunker: Chunker | None = None
         self.indexes = Indexes(index_dir / "faiss", self.store, lambda: self.embedder.dim)
         self._sync_lock = asyncio.Lock()
@@ -89,23 +121,58 @@ class Retriever:
         # is not parsed again, up to its limits, by every later sync until it changes
         self._refused: dict[str, tuple[int, int, str]] = {}
         self._config = f"{embedder.name}|{CHUNK_TOKENS}|{OVERLAP_TOKENS}|{chunking.VERSION}"
+        self._lock_file = open(index_dir / "sync.lock", "a+b")  # locked by the process changing the index
 
     @classmethod
-    async def open(cls, settings, *, embedder: Embedder | None = None, progress: bool = False) -> "Retriever":
-        """Async: opens the store and loads (or repairs) the FAISS indexes in a thread. The model loads later,
-        on the first query or ingest, so a bot whose knowledge is unchanged starts without it."""
+    async def open(cls, settings, *, embedder: Embedder | None = None, progress: bool = False,
+                   follow: bool = True) -> "Retriever":
+        """Async: opens the store and loads (or repairs) the FAISS indexes in a thread, then follows other
+        processes' changes (`follow`). The model loads later, on the first query or ingest, so a bot whose
+        knowledge is unchanged starts without it."""
         self = await asyncio.to_thread(
             cls, Path(settings.knowledge_dir), Path(settings.data_dir) / "workspaces",
             Path(settings.data_dir) / "knowledge",
             embedder or Embedder.shared(settings.embed_model),
             max_upload_bytes=int(settings.knowledge_max_upload_mb * 1024 * 1024), progress=progress,
+            database_url=settings.database_url,
         )
+        await asyncio.to_thread(self.store.pull)
         await asyncio.to_thread(self.indexes.load)
+        if getattr(settings, "rerank_model", None):
+            self.reranker = ranking.Reranker(settings.rerank_model)
+        if follow:
+            self.follow()
         return self
+
+    def follow(self, every: float = FOLLOW_SECONDS) -> None:
+        """Catches up with the index from a thread until `close()`: every `every` seconds, and at once when
+        PostgreSQL says it changed. What other processes add or remove is then searchable here before the next
+        search looks (with PostgreSQL, searches look at the local replica only)."""
+        def run() -> None:
+            while True:
+                self._wake.wait(every)
+                self._wake.clear()
+                if self._stop_following.is_set():
+                    return
+                if self._indexing.is_set():
+                    continue
+                try:
+                    self.store.pull()
+                    self.indexes.catch_up()
+                except Exception:  # the next round retries; a search meanwhile uses the indexes as they are
+                    log.exception("cannot catch up with the knowledge index")
+
+        self._follower = threading.Thread(target=run, name="knowledge-follower", daemon=True)
+        self._follower.start()
 
     async def close(self) -> None:
         async with self._sync_lock:
+            self._stop_following.set()
+            self._wake.set()
+            if self._follower is not None:
+                await asyncio.to_thread(self._follower.join)
             self.store.close()
+            self._lock_file.close()
 
     def _scope(self, workspace: Workspace | None) -> Scope:
         if workspace is None:
@@ -148,16 +215,25 @@ class Retriever:
 
     def _search(self, query: str, collections: list[str] | None, k: int, mode: str,
                 workspace: Workspace | None) -> list[Hit]:
+        try:
+            # microseconds when nothing changed (bench/replicas.py); a large batch is left to the follower thread
+            if not self._indexing.is_set():
+                self.indexes.catch_up(SEARCH_WAIT_SECONDS, most=SEARCH_CATCH_UP if self._follower else None)
+        except Exception:  # searching what this process already holds beats failing the question
+            log.exception("cannot catch up with the knowledge index")
         wanted = self._visible(self.indexes.names(), collections, workspace)
         if not wanted or not query.strip():
             return []
         # documents are ranked from deeper lists than the k passages asked for (measured: 160 beats 40)
         pool = max(10 * k, 160) if mode == "hybrid" and self.fusion == "documents" else max(4 * k, 40)
+        # BM25 runs in SQLite while the model encodes the query (both release the GIL): the query waits for the
+        # slower of the two, not their sum (bench/retrieval.py --sizes 100000)
+        bm25 = _BM25.submit(self.store.lexical, query, wanted, pool) if mode != "dense" else None
         vector = self.embedder.encode([query])[0]
         dense: list[tuple[int, float]] = []
         if mode != "lexical":
             dense = self.indexes.search(wanted, vector, pool)
-        lexical = self.store.lexical(query, wanted, pool) if mode != "dense" else []
+        lexical = bm25.result() if bm25 is not None else []
         codes = ranking.identifiers(query)
         # Identifiers (error codes, names in code) are what embeddings blur: passages holding all of them
         # verbatim form a third ranking, so one exact match outweighs many loose ones.
@@ -165,7 +241,11 @@ class Retriever:
         rankings = [[i for i, _ in dense], lexical, exact]
         if mode == "hybrid" and self.fusion == "documents":
             sources = self.store.sources(list({i for r in rankings for i in r}))
-            fused = ranking.fuse_by_document(rankings, sources, list(ranking.WEIGHTS))[:k]
+            fused = ranking.fuse_by_document(rankings, sources, list(ranking.WEIGHTS))
+            if self.reranker is not None:
+                text_of = lambda ids: {i: row.text for i, row in self.store.chunks(ids).items()}  # noqa: E731
+                fused = self.reranker.rerank(query, fused, sources, text_of)
+            fused = fused[:k]
         else:
             fused = ranking.fuse(rankings)[:k]
         rows = self.store.chunks([i for i, _ in fused])
@@ -192,12 +272,31 @@ class Retriever:
         """Run an index-changing job in a thread, one at a time. A thread cannot be stopped, so a cancelled
         caller still holds the lock until the job ends: `close()` then never pulls the store from under it."""
         async with self._sync_lock:
-            job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            job = asyncio.ensure_future(asyncio.to_thread(self._in_turn, fn, *args))
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
                 await asyncio.wait([job])
                 raise
+
+    def _in_turn(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn once no other process (or other Retriever on this index) is changing the index, and after
+        pulling what they changed: the second of two processes syncing the same new file then finds it indexed
+        instead of embedding it again. The lock file serves one machine; PostgreSQL's advisory lock, all."""
+        with contextlib.ExitStack() as turn:
+            if fcntl is not None:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
+                turn.callback(fcntl.flock, self._lock_file.fileno(), fcntl.LOCK_UN)
+            primary = getattr(self.store, "primary", None)
+            if primary is not None:
+                primary.take_turn()
+                turn.callback(primary.end_turn)
+            self.store.pull()
+            self._indexing.set()
+            turn.callback(self._indexing.clear)
+            result = fn(*args)
+            self.indexes.catch_up()  # what the job's reconciles left: collections it did not touch
+            return result
 
     async def watch(self, stop_event: asyncio.Event) -> None:
         """Syncs now, then after every change under the knowledge folder or a workspace's until stop_event is set."""
@@ -269,10 +368,19 @@ class Retriever:
                 continue
             entry = FileEntry(source, collection, digest, stat.st_size, stat.st_mtime_ns, 0)
             work.append((entry, data, known is not None))
+        missing = [root for root in (self.knowledge_dir, self.workspaces_dir) if not _holds_anything(root)]
+        kept = 0
         for source in manifest.keys() - on_disk.keys():
+            if (self.workspaces_dir if folders.owner(source) else self.knowledge_dir) in missing:
+                kept += 1
+                continue
             self.store.remove(source)
             report.removed.append(source)
             touched.add(manifest[source].collection)
+        if kept:
+            log.warning("kept %d document(s) in the knowledge index that are not on disk here, since this "
+                        "process finds nothing in %s (not the folders the others sharing the index use?); "
+                        "`knowledge remove` removes a document", kept, " or ".join(map(str, missing)))
         parsed: list[tuple[FileEntry, list[Chunk], bool]] = []
         for entry, data, existed in work:
             try:
@@ -301,6 +409,7 @@ class Retriever:
             self.indexes.reconcile(collection)
         self.store.set_meta("config", self._config)
         self.store.set_meta("model", self.embedder.name)
+        self.store.prune_changes()
         return report
 
     def _ingest(self, parsed: list[tuple[FileEntry, list[Chunk], bool]], report: SyncReport, bar: tqdm) -> set[str]:
@@ -441,6 +550,16 @@ class Retriever:
                 total = totals.setdefault(plain(collection), [0, 0, 0])
                 total[:] = [a + b for a, b in zip(total, counts)]
         return [(name, *total) for name, total in sorted(totals.items())]
+
+
+def _holds_anything(root: Path) -> bool:
+    """False for a knowledge folder that is missing or empty (hidden entries aside), as an unmounted volume or
+    a process started in another directory sees it: its documents are then not taken for removed, since every
+    process sharing the index would lose them."""
+    try:
+        return any(not entry.name.startswith(".") for entry in root.iterdir())
+    except OSError:
+        return False
 
 
 def _undo(scope: Scope, source: str, kept: str | None) -> None:

@@ -4,10 +4,13 @@ Dense search finds paraphrases; BM25 finds exact strings (error codes, identifie
 embedding model smears away. Reciprocal rank fusion combines the two rankings without having to calibrate
 their scores against each other (Cormack et al., 2009; k = 60), weighted because the two are not equally good,
 and documents are ranked before passages so one long document cannot fill the top k (`fuse_by_document`).
+A cross-encoder, when the operator installs one, re-reads the top of that list (`Reranker`). A reply's sources
+line names only passages the model was shown (`Grounding.footer`).
 """
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,8 +23,10 @@ DOCUMENT_PASSAGES = 2
 # On bench/retrieval.py's labelled set the best MiniLM cosine in the top 5 is >= 0.43 for 95% of answerable
 # questions and <= 0.32 for 95% of off-topic ones; the bench prints both distributions.
 MIN_SIMILARITY = 0.35
+RERANK_CANDIDATES = 30  # fused passages a cross-encoder re-reads per query: ~30 MiniLM-sized pairs on a CPU
 OPEN = "<<<KNOWLEDGE>>>"
 CLOSE = "<<<END KNOWLEDGE>>>"
+_MARKER = re.compile(r"(?<![\w\]])\[(\d+(?:\s*,\s*\d+)*)\]")  # [1] or [1, 3] as PREAMBLE asks; not arr[1]
 _IDENTIFIER = re.compile(r"\b(?=[\w.-]*[A-Za-z])(?=[\w.-]*(?:\d|_|[a-z][A-Z]))[A-Za-z0-9][\w.-]*[A-Za-z0-9]\b")
 
 
@@ -48,8 +53,19 @@ class Hit:
 @dataclass
 class Grounding:
     system_block: str
-    sources_footer: str
+    sources_footer: str  # every passage shown, numbered as the model saw them
     hits: list[Hit] = field(default_factory=list)
+
+    def footer(self, reply: str) -> str:
+        """The sources line for this reply: the passages it cites by number ([2], [1, 3]) when it cites any,
+        else every passage shown. A number the model was never shown (a [7] after five passages, a number
+        copied from a quoted document) names no source: only passages in the block, each with the document
+        and heading it was cut from, can appear."""
+        cited = {int(n) for group in _MARKER.findall(reply) for n in re.findall(r"\d+", group)}
+        shown = set(range(1, len(self.hits) + 1))
+        if not cited:
+            return self.sources_footer
+        return _footer([(n, hit) for n, hit in enumerate(self.hits, 1) if n in cited & shown])
 
 
 def fuse(rankings: list[list[int]], weights: list[float] | None = None) -> list[tuple[int, float]]:
@@ -81,6 +97,49 @@ def fuse_by_document(rankings: list[list[int]], source_of: dict[int, str],
     for depth in range(max((len(q) for q in queues.values()), default=0)):
         out.extend(queues[source][depth] for source in order if depth < len(queues[source]))
     return out
+
+
+class Reranker:
+    """An operator-installed cross-encoder (sentence-transformers `CrossEncoder`, PERSONABOT_RERANK_MODEL) that
+    reads the question and each candidate passage together, which a bi-encoder like MiniLM never does. It
+    re-orders the fused top RERANK_CANDIDATES passages; documents are then ranked by their best passage and
+    returned round-robin as in `fuse_by_document`. Loaded on first use; a passage keeps its fused score and
+    cosine, so thresholds mean what they did."""
+
+    def __init__(self, source: str, candidates: int = RERANK_CANDIDATES):
+        self.source = source
+        self.candidates = candidates
+        self._model = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self):
+        with self._lock:
+            if self._model is None:
+                from sentence_transformers import CrossEncoder
+
+                self._model = CrossEncoder(self.source, device="cpu")
+            return self._model
+
+    def scores(self, query: str, texts: list[str]) -> list[float]:
+        if not texts:
+            return []
+        return [float(x) for x in self.model.predict([(query, text) for text in texts], show_progress_bar=False)]
+
+    def rerank(self, query: str, passages: list[tuple[int, float]], source_of: dict[int, str],
+               text_of: Callable[[list[int]], dict[int, str]]) -> list[tuple[int, float]]:
+        """The first `candidates` passages re-ordered by the cross-encoder, then the rest as they were."""
+        head, tail = passages[: self.candidates], passages[self.candidates :]
+        texts = text_of([i for i, _ in head])
+        head = [(i, s) for i, s in head if i in texts]
+        judged = dict(zip((i for i, _ in head), self.scores(query, [texts[i] for i, _ in head])))
+        queues: dict[str, list[tuple[int, float]]] = {}
+        for chunk_id, score in sorted(head, key=lambda pair: -judged[pair[0]]):
+            queues.setdefault(source_of.get(chunk_id, ""), []).append((chunk_id, score))
+        out: list[tuple[int, float]] = []
+        for depth in range(max((len(q) for q in queues.values()), default=0)):
+            out.extend(q[depth] for q in queues.values() if depth < len(q))  # dicts keep the best-first order
+        return out + tail
 
 
 def identifiers(query: str) -> list[str]:
@@ -121,11 +180,16 @@ def build(hits: list[Hit], collections: list[str], budget_tokens: int,
         spent += cost
     passages = "\n\n".join(f"[{n}] {hit.citation}\n{_defang(hit.text)}" for n, hit in enumerate(kept, 1))
     block = f"{PREAMBLE}\n{OPEN}\n{passages}\n{CLOSE}"
+    return Grounding(block, _footer(list(enumerate(kept, 1))), kept)
+
+
+def _footer(numbered: list[tuple[int, Hit]]) -> str:
     numbers: dict[str, list[str]] = {}
-    for n, hit in enumerate(kept, 1):
+    for n, hit in numbered:
         numbers.setdefault(hit.citation, []).append(str(n))
-    footer = "Sources: " + "; ".join(f"[{', '.join(ns)}] {citation}" for citation, ns in numbers.items())
-    return Grounding(block, footer, kept)
+    if not numbers:
+        return ""
+    return "Sources: " + "; ".join(f"[{', '.join(ns)}] {citation}" for citation, ns in numbers.items())
 
 
 def _no_source(collections: list[str]) -> str:

@@ -7,6 +7,10 @@ collections are stored qualified (folders.py): a workspace's carry its "@platfor
 
 Searches and listings read through a connection of their own: with WAL they see the last committed state
 while a sync writes a large document, instead of waiting for its transaction to end.
+
+Several processes may share the file (one data dir, `personabot run` started more than once): writers wait for
+each other (busy timeout, BEGIN IMMEDIATE), and the `changes` log, written by triggers in the transaction that
+adds or removes a chunk, is what each process's FAISS indexes follow (vectors.Indexes.catch_up).
 """
 from __future__ import annotations
 
@@ -58,11 +62,27 @@ END;
 CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, header, text) VALUES ('delete', old.id, old.header, old.text);
 END;
+-- Every chunk added or removed, in commit order, written by the triggers in the same transaction as the chunk:
+-- each process's FAISS indexes follow this log (vectors.py) instead of re-reading whole collections.
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    chunk INTEGER NOT NULL,
+    collection TEXT NOT NULL,
+    added INTEGER NOT NULL            -- 1 added, 0 removed
+);
+CREATE TRIGGER IF NOT EXISTS chunks_logged_ai AFTER INSERT ON chunks BEGIN
+    INSERT INTO changes(chunk, collection, added) VALUES (new.id, new.collection, 1);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_logged_ad AFTER DELETE ON chunks BEGIN
+    INSERT INTO changes(chunk, collection, added) VALUES (old.id, old.collection, 0);
+END;
 CREATE TABLE IF NOT EXISTS given_names (    -- what an uploader called a file saved under its safe name
     source TEXT PRIMARY KEY,
     given TEXT NOT NULL
 );
 """
+BUSY_SECONDS = 30.0  # how long a writer waits for another process's transaction (one document's) to end
+CHANGES_KEPT = 50_000  # log rows kept; a process further behind than that reconciles each collection instead
 LEXICAL_ROWS = 4000  # passages BM25 may rank per query; see Store._rarest
 _WORD = re.compile(r"[^\W_](?:[\w.\-/:]*[^\W_])?", re.UNICODE)
 
@@ -120,22 +140,49 @@ def _reading(method):
     return wrapper
 
 
+def _following(method):
+    """The follower connection reads the change log for one catch-up at a time."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.follow_lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _array(ids: set[int]) -> np.ndarray:
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+class Changes(NamedTuple):
+    """What the change log holds after some point: {collection: (ids added, ids removed)}, up to change `latest`."""
+
+    latest: int
+    by_collection: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
 class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db = sqlite3.connect(path, timeout=BUSY_SECONDS, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
         self.reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.read_lock = threading.Lock()
+        # The change log is read through a third connection, so that catching up with a large ingest in another
+        # process never holds up this one's searches.
+        self.follower = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.follow_lock = threading.Lock()
         self._frequency: dict[str, int] = {}  # term: passages holding it, for `_rarest`
         self._frequency_of: int | None = None  # the reader's data_version those counts were taken at
 
     def close(self) -> None:
-        with self.lock, self.read_lock:
+        with self.lock, self.read_lock, self.follow_lock:
+            self.follower.close()
             self.reader.close()
             self.db.close()
 
@@ -171,7 +218,7 @@ class Store:
     def replace(self, entry: FileEntry, chunks: list[Chunk], vectors: np.ndarray) -> None:
         """One transaction: readers see the old chunks or the new ones, never half of each."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE")  # take the write lock now: a deferred one could fail to upgrade
         try:
             self.db.execute("DELETE FROM chunks WHERE source = ?", (entry.source,))
             self.db.execute(
@@ -195,7 +242,7 @@ class Store:
 
     @_locked
     def remove(self, source: str) -> None:
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.execute("DELETE FROM chunks WHERE source = ?", (source,))
             self.db.execute("DELETE FROM files WHERE source = ?", (source,))
@@ -234,6 +281,87 @@ class Store:
             for chunk_id, blob in self.db.execute(f"SELECT id, vector FROM chunks WHERE id IN ({marks})", part):
                 out[position[chunk_id]] = np.frombuffer(blob, dtype=np.float32)
         return out
+
+    # -- following the change log (another process's writes, or this one's) -------------------------
+
+    def pull(self) -> int:
+        """Nothing to fetch: this file is the source of truth (a ReplicatedStore pulls from PostgreSQL)."""
+        return 0
+
+    @_following
+    def latest_change(self) -> int:
+        """The number of the newest change (0: none yet); one row of SQLite's own sequence table, microseconds."""
+        row = self.follower.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return row[0] if row else 0
+
+    @_following
+    def changes_since(self, seq: int) -> Changes | None:
+        """The chunks added and removed after change `seq`, per collection, as of one snapshot; None when the log
+        was pruned past it (the caller then compares whole collections)."""
+        self.follower.execute("BEGIN")
+        try:
+            floor = self.follower.execute("SELECT value FROM meta WHERE key = 'changes_floor'").fetchone()
+            if floor and int(floor[0]) > seq:
+                return None
+            rows = self.follower.execute(
+                "SELECT seq, chunk, collection, added FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
+        finally:
+            self.follower.execute("COMMIT")
+        added: dict[str, set[int]] = {}
+        removed: dict[str, set[int]] = {}
+        for _, chunk_id, collection, was_added in rows:
+            (added if was_added else removed).setdefault(collection, set()).add(chunk_id)
+        by_collection = {}
+        for collection in added.keys() | removed.keys():
+            gone = removed.get(collection, set())
+            new = added.get(collection, set()) - gone  # ids are never reused: added then removed is just gone
+            by_collection[collection] = (_array(new), _array(gone))
+        return Changes(rows[-1][0] if rows else seq, by_collection)
+
+    @_following
+    def stored_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of the chunks that still exist, in the order asked; one removed since its
+        addition was logged is left out (its removal is logged after it)."""
+        found: dict[int, bytes] = {}
+        for first in range(0, len(ids), 500):
+            part = [int(i) for i in ids[first : first + 500]]
+            marks = ",".join("?" * len(part))
+            found.update(self.follower.execute(f"SELECT id, vector FROM chunks WHERE id IN ({marks})", part))
+        kept = np.fromiter((i for i in ids if int(i) in found), dtype=np.int64)
+        if not len(kept):
+            return kept, np.zeros((0, 0), dtype=np.float32)
+        return kept, np.stack([np.frombuffer(found[int(i)], dtype=np.float32) for i in kept])
+
+    @_locked
+    def prune_changes(self, keep: int | None = None) -> None:
+        """Drops all but the newest `keep` log rows (CHANGES_KEPT), recording how far the log was cut (meta
+        changes_floor): a process that had not read that far compares whole collections instead."""
+        keep = CHANGES_KEPT if keep is None else keep
+        if not self._prunable(keep):  # most syncs: no write transaction at all
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if floor := self._prunable(keep):  # again, inside the transaction: another process may have pruned
+                self.db.execute("DELETE FROM changes WHERE seq <= ?", (floor,))
+                self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('changes_floor', ?)", (str(floor),))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def _prunable(self, keep: int) -> int:
+        """The newest change that all but `keep` newer ones follow, when the log still holds it; else 0."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        floor = (row[0] if row else 0) - keep
+        if floor > 0 and self.db.execute("SELECT 1 FROM changes WHERE seq <= ? LIMIT 1", (floor,)).fetchone():
+            return floor
+        return 0
+
+    @_reading
+    def vector_width(self) -> int:
+        """The width of the stored vectors (0: none stored)."""
+        row = self.reader.execute("SELECT length(vector) FROM chunks LIMIT 1").fetchone()
+        return row[0] // 4 if row else 0
 
     @_reading
     def collections(self) -> list[str]:
