@@ -83,25 +83,24 @@ def report(name: str, timings: dict[str, list[float]], rate: float, extra: str =
     print(f"{name:<12} {cells}  |  {rate:,.0f} messages/s{extra}")
 
 
+async def measure(store, args: argparse.Namespace) -> tuple[dict[str, list[float]], float, float]:
+    """Latency per call, then messages/s without and with the engine's turn() + get_persona(); closes `store`."""
+    try:
+        timings = await latency(store, args.messages * 5)
+        rate = await throughput([store], args.conversations, args.messages)
+        turns = await throughput([store], args.conversations, args.messages, turn=True)
+    finally:
+        await store.close()
+    return timings, rate, turns
+
+
 async def run(url: str, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        sqlite = await HistoryStore.open(Path(tmp) / "personabot.sqlite3")
-        try:
-            timings = await latency(sqlite, args.messages * 5)
-            rate = await throughput([sqlite], args.conversations, args.messages)
-            sqlite_turns = await throughput([sqlite], args.conversations, args.messages, turn=True)
-        finally:
-            await sqlite.close()
-        report("sqlite", timings, rate, f"; with turn() + get_persona(): {sqlite_turns:,.0f}/s")
+        timings, rate, turns = await measure(await HistoryStore.open(Path(tmp) / "personabot.sqlite3"), args)
+        report("sqlite", timings, rate, f"; with turn() + get_persona(): {turns:,.0f}/s")
         sqlite_rate, sqlite_message = rate, statistics.median(timings["message"])
 
-    pg = await PostgresHistoryStore.open(url)
-    try:
-        timings = await latency(pg, args.messages * 5)
-        rate = await throughput([pg], args.conversations, args.messages)
-        turns = await throughput([pg], args.conversations, args.messages, turn=True)
-    finally:
-        await pg.close()
+    timings, rate, turns = await measure(await PostgresHistoryStore.open(url), args)
     report("postgresql", timings, rate, f"; with turn() + get_persona(): {turns:,.0f}/s"
            f"  ({rate / sqlite_rate:.2f}x SQLite's rate,"
            f" {statistics.median(timings['message']) / sqlite_message:.2f}x its per-message latency)")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bot.config import Settings  # noqa: E402
 from bot.retrieval import Retriever  # noqa: E402
-from bot.retrieval.retriever import FOLLOW_SECONDS  # noqa: E402
+from bot.retrieval.indexing import FOLLOW_SECONDS  # noqa: E402
 from bot.retrieval.chunk import Chunk  # noqa: E402
 from bot.retrieval.embed import Embedder  # noqa: E402
 from bot.retrieval.store import FileEntry, Store  # noqa: E402

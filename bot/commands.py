@@ -204,7 +204,8 @@ def refusal(exc: Exception) -> Reply:
 @command("ask", "A one-off question, answered without reading or joining this channel's conversation",
          Arg("question", "What to ask"))
 async def ask(engine: "Engine", incoming: Incoming, args: dict[str, Any]) -> Result:
-    return Stream(engine.reply(dataclasses.replace(incoming, text=args["question"]), use_history=False))
+    # No question is fine when files came with it (the Discord menu on a message that is only an image).
+    return Stream(engine.reply(dataclasses.replace(incoming, text=args.get("question", "")), use_history=False))
 
 
 @command("reset", "Start a fresh conversation here (the log is kept).")

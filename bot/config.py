@@ -14,7 +14,10 @@ from typing_extensions import Annotated
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # Inputs stay out of validation errors: they hold tokens, keys and DATABASE_URL's password, and an error
+    # raised outside the CLI (which prints only where and why) would otherwise put them in a traceback or log.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     openai_api_key: str | None = Field(None, validation_alias="OPENAI_API_KEY")
     openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL")

@@ -27,6 +27,7 @@ from bot.models.registry import ModelRegistry
 from bot.persona_catalog import Entry, Origin, PersonaCatalog
 from bot.render import BUDGET_NOTICE, CONTENT_FILTER_NOTICE, CUT_OFF_NOTICE, ERROR_NOTICE, UNFINISHED_NOTICE
 from bot.personas import ModelSpec, Persona, PersonaLibrary, UnknownPersona
+from bot.turns import Turn
 
 if TYPE_CHECKING:
     from bot.retrieval import Hit, Retriever
@@ -94,7 +95,9 @@ class Engine:
         # A reader that stops early closes each generator in turn, so the reply's own `finally` (which stores
         # what was shown) runs now, inside the conversation's turn, not whenever the garbage collector gets to it.
         # The store holds the conversation's turn: across processes too, when they share PostgreSQL.
-        async with self.history.turn(incoming.key), aclosing(self._reply(incoming, use_history)) as pieces:
+        # What the reply reads (persona, spend, window) comes with the turn: on PostgreSQL in the same round trip.
+        async with self.history.turn(incoming.key, spend=bool(self.settings.daily_token_budget)) as turn, \
+                aclosing(self._reply(incoming, turn, use_history)) as pieces:
             async for piece in pieces:
                 if not answered:
                     answered = True
@@ -102,22 +105,22 @@ class Engine:
                 yield piece
         metrics.REPLY.labels(platform).observe(time.perf_counter() - began)
 
-    async def _reply(self, incoming: Incoming, use_history: bool) -> AsyncIterator[str]:
+    async def _reply(self, incoming: Incoming, turn: Turn, use_history: bool) -> AsyncIterator[str]:
         key = incoming.key
-        entry = await self.active_entry(key)
+        entry = await self.active_entry(key, turn)
         budget = self.settings.daily_token_budget
-        if budget and await self.history.tokens_today(key) >= budget:
+        if budget and (turn.spent_today or 0) >= budget:
             metrics.REPLIES.labels(key.platform, "over_budget").inc()
             yield BUDGET_NOTICE.format(budget=budget)
             return
         spec, params = self._bounded(entry)
         async with self.models.use(spec) as model, \
-                aclosing(self._answer(incoming, entry.persona, model, params, use_history,
+                aclosing(self._answer(incoming, turn, entry.persona, model, params, use_history,
                                      sees_images(spec, self.settings))) as pieces:
             async for piece in pieces:
                 yield piece
 
-    async def _answer(self, incoming: Incoming, persona: Persona, model: ChatModel, params: GenParams,
+    async def _answer(self, incoming: Incoming, turn: Turn, persona: Persona, model: ChatModel, params: GenParams,
                       use_history: bool, vision: bool = False) -> AsyncIterator[str]:
         key = incoming.key
         # Images and files in (bot/attachments.py): images as content parts only for a model that sees them,
@@ -129,7 +132,7 @@ class Engine:
         user: Message = {"role": "user", "content": said.content}
         user_tokens = model.count_tokens([user])
         budget_tokens = self._history_budget(model, persona, params, user_tokens)
-        history = await self.history.window(key, budget_tokens) if use_history else []
+        history = await turn.window(budget_tokens) if use_history else []
 
         prefix = persona.prefix()
         grounding = None
@@ -143,7 +146,7 @@ class Engine:
                     # The passages share the window with the history, which gives up the room they take, counted
                     # in this model's tokens (the retriever budgets in the embedding model's).
                     block_tokens = model.count_tokens([{"role": "system", "content": block}])
-                    history = await self.history.window(key, budget_tokens - block_tokens)
+                    history = await turn.window(budget_tokens - block_tokens)
 
         # The user's turn is queued before the model is called and committed while it thinks (the writer
         # group-commits every channel's turns together), and the first visible text waits for that commit:
@@ -194,6 +197,7 @@ class Engine:
                     finish_reason=finish or "error",
                     prompt_tokens=usage.prompt_tokens if usage else 0,
                     completion_tokens=usage.completion_tokens if usage else 0,
+                    ending=turn,  # the reply's last write ends the conversation's turn (PostgreSQL: same statement)
                 )
 
         metrics.REPLIES.labels(key.platform, OUTCOMES.get(finish, "ok")).inc()
@@ -286,13 +290,16 @@ class Engine:
     async def persona_in(self, workspace: Workspace, name: str) -> Entry:
         return await self.personas.entry(workspace, name)
 
-    async def active_entry(self, key: ConvKey) -> Entry:
-        name = await self.history.get_persona(key.channel_key) or self.settings.default_persona
+    async def active_entry(self, key: ConvKey, turn: Turn | None = None) -> Entry:
+        """The channel's persona; inside a message's turn, from what the turn read as it began."""
+        name = turn.persona if turn is not None else await self.history.get_persona(key.channel_key)
+        name = name or self.settings.default_persona
+        version = turn.personas_version if turn is not None else MISSING
         try:
-            return await self.personas.entry(key.tenant, name)
+            return await self.personas.entry(key.tenant, name, version=version)
         except UnknownPersona:
             log.warning("persona %r is gone from %s; using the default", name, key.tenant)
-            return await self.personas.entry(key.tenant, self.settings.default_persona)
+            return await self.personas.entry(key.tenant, self.settings.default_persona, version=version)
 
     async def active_persona(self, key: ConvKey) -> Persona:
         return (await self.active_entry(key)).persona

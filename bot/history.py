@@ -20,7 +20,9 @@ import sqlite3
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from datetime import date, datetime, timezone
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +34,7 @@ from bot.history_cache import MISSING, Conversation, Recent, RecentTurns
 from bot.history_writer import GroupCommit, HistoryError, QueuedWrite, close_writer, connect_reader, connect_writer
 from bot.migrations import migrate
 from bot.models.base import Message
-from bot.turns import ArrivalOrder
+from bot.turns import ArrivalOrder, Turn
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -64,7 +66,9 @@ def _channel(key: ConvKey) -> tuple[str, str, str]:
 
 
 class HistoryStore(GroupCommit):
-    # Several processes may write this store's database (the PostgreSQL one): nothing they change may be cached.
+    # True on a store whose database other processes write too (PostgreSQL): callers that cache what is in it
+    # (workspace personas, replayed Slack requests) must check or record through the database. This one is
+    # the only writer of its file.
     shared = False
 
     def __init__(self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection):
@@ -123,8 +127,13 @@ class HistoryStore(GroupCommit):
         finish_reason: str | None = None,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        ending: Turn | None = None,
     ) -> int:
-        """Store one turn in the conversation's current context; returns its id once committed."""
+        """Store one turn in the conversation's current context; returns its id once committed.
+
+        `ending`: the reply's last write, which may end that turn in the same statement (the PostgreSQL store
+        does; here the turn simply ends when its `async with` does).
+        """
         check_turn(role, content, tokens, prompt_tokens, completion_tokens)
         with self._admitted():
             context = await self._context(key)
@@ -146,9 +155,15 @@ class HistoryStore(GroupCommit):
         newest = [(message, tokens) for _, message, tokens in reversed(conversation.turns)]
         return fit_window(newest, conversation.whole, budget_tokens, counter)
 
-    def turn(self, key: ConvKey):  # -> an async context manager
-        """Held while one message of the conversation is answered; later messages wait, in arrival order."""
-        return self._order.turn(key)
+    @asynccontextmanager
+    async def turn(self, key: ConvKey, *, spend: bool = False) -> AsyncIterator[Turn]:
+        """Held while one message of the conversation is answered; later messages wait, in arrival order.
+
+        Yields what answering it reads (the channel's persona, today's spend when `spend`, the window), here
+        from the caches."""
+        async with self._order.turn(key):
+            yield Turn(key, await self.get_persona(key), await self.tokens_today(key) if spend else None,
+                       MISSING, partial(self.window, key))
 
     @property
     def conversations_in_turn(self) -> int:

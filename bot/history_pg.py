@@ -2,22 +2,26 @@
 
 The same tables, migrations and methods as the SQLite store (bot/history.py), for a bot that runs as several
 processes. Because another process may change anything at any moment, nothing is cached: every call is one
-statement on a pooled connection (one round trip; the turn's context number is looked up inside the same
-statement), and budgets, personas and settings are always read fresh. PostgreSQL's own group commit does
-what the SQLite store's writer task does by hand.
+statement on a pooled connection, and budgets, personas and settings are always read fresh. What a reply
+reads is read in the statement that starts its turn, and the reply's last write ends the turn, so an
+uncontended message costs three round trips (start, the user's turn, the reply's). PostgreSQL's own group
+commit does what the SQLite store's writer task does by hand.
 
-A conversation's turn is a session advisory lock on a hash of its key, so messages in one conversation are
-answered in arrival order whichever process receives them: every message waiting for a conversation waits in
-PostgreSQL's own first-come first-served queue for that lock (never in a queue of this process's, which other
-processes could not see), and a process that dies drops its locks with its connections.
+A conversation's messages are answered in arrival order whichever process receives them: each takes the
+conversation's next ticket as it arrives (one row per conversation, `turns`, whose row lock serialises the
+tickets) and is answered once the ticket before it is served. Waiting costs no connection: the process that
+serves a ticket wakes the next holder with NOTIFY, and a waiter that hears nothing for `POLL` seconds checks
+that the holders ahead of it are alive (each ticket names its process's listening connection; a process that
+dies closes it) and skips the dead ones.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import date, datetime, timezone
 from typing import Any
@@ -29,6 +33,7 @@ from bot.history import MAX_TURNS, HistoryError, answered_turns, check_turn, fit
 from bot.migrations import CREATE_TABLE, MIGRATIONS, TABLE, statements, too_new
 from bot.models.base import Message
 from bot.sql_dialect import rowcount, to_postgres
+from bot.turns import Turn
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +46,81 @@ INSERT_MESSAGE = (
 )
 WINDOW = (f"SELECT role, content, tokens FROM messages WHERE {KEY} AND thread = $4 AND context = {CONTEXT}"
           " ORDER BY id DESC LIMIT $5")
-# The one lock a lock connection waits for, once it waits in PostgreSQL's queue.
-QUEUED = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND NOT granted)"
+# -- turns: $1..$4 the conversation, $5 the ticket (taking one: this process's pid), $6 whether to read the
+# spend, $7 today (UTC), $8 the window's most turns.
+TAKE_TICKET = (
+    "WITH ticket AS (INSERT INTO turns (platform, workspace, channel, thread, issued, served)"
+    " VALUES ($1, $2, $3, $4, 1, 0) ON CONFLICT (platform, workspace, channel, thread)"
+    " DO UPDATE SET issued = turns.issued + 1 RETURNING issued, served),"
+    " holder AS (INSERT INTO turn_tickets (platform, workspace, channel, thread, ticket, pid)"
+    " SELECT $1, $2, $3, $4, issued, $5 FROM ticket),"
+    # `served` as of this statement's snapshot: if it says the turn has come, everything the previous holder
+    # wrote is in the snapshot too (its last write and its release commit together). `latest`: as of the row
+    # lock, which may be later (a release that committed while this waited for the row): then the turn has
+    # come but the reads are stale, and are read again.
+    f" head AS (SELECT issued AS ticket, coalesce((SELECT served FROM turns WHERE {KEY} AND thread = $4), 0)"
+    " AS served, served AS latest FROM ticket)"
+)
+CHECK_TURN = (f"WITH head AS (SELECT $5::bigint AS ticket, served, served AS latest FROM (SELECT coalesce((SELECT"
+              f" served FROM turns WHERE {KEY} AND thread = $4), 0) AS served) now)")
+# What answering the message reads, read only once its turn has come: persona, freshness of the workspace's
+# personas, spend, and the window's newest turns (a row each; none: one row of NULLs).
+TURN_READS = (
+    " SELECT h.ticket, h.served, h.latest, r.persona, r.newest, r.spent, w.role, w.content, w.tokens FROM head h"
+    f" LEFT JOIN LATERAL (SELECT (SELECT persona FROM channels WHERE {KEY}) AS persona,"
+    " (SELECT max(id) FROM personas WHERE platform = $1 AND workspace = $2) AS newest,"
+    " CASE WHEN $6 THEN (SELECT coalesce(sum(prompt_tokens + completion_tokens), 0)::bigint FROM messages"
+    f" WHERE {KEY} AND created_at >= $7 AND prompt_tokens + completion_tokens > 0) END AS spent"
+    " WHERE h.served + 1 >= h.ticket) r ON true"
+    " LEFT JOIN LATERAL (SELECT id, role, content, tokens FROM messages"
+    f" WHERE {KEY} AND thread = $4 AND context = {CONTEXT} AND h.served + 1 >= h.ticket"
+    " ORDER BY id DESC LIMIT $8) w ON true ORDER BY w.id DESC"
+)
+TURNS_CHANNEL = "personabot_turns"  # NOTIFY payload: "<conversation's lock id>:<ticket now served>"
+NOTIFY = "SELECT pg_notify($1, $2)"
+
+
+def _release(a: int) -> str:
+    """Ending a turn ($A..$A+3 the conversation, $A+4 the ticket): served only if it is still the previous
+    ticket (a holder taken for dead may have been skipped meanwhile); returns the tickets issued so far, so
+    the caller wakes the next holder only when there is one. No NOTIFY in here: a notifying commit holds
+    PostgreSQL's one notify lock through its flush to disk, which would serialise every conversation's commits."""
+    key = f"platform = ${a} AND workspace = ${a + 1} AND channel = ${a + 2} AND thread = ${a + 3}"
+    return (f"released AS (UPDATE turns SET served = ${a + 4} WHERE {key} AND served = ${a + 4} - 1"
+            f" RETURNING issued), gone AS (DELETE FROM turn_tickets WHERE {key} AND ticket = ${a + 4})")
+
+
+RELEASE = f"WITH {_release(1)} SELECT issued FROM released"
+APPEND_AND_RELEASE = (f"WITH message AS ({INSERT_MESSAGE}), {_release(14)}"
+                      " SELECT id, (SELECT issued FROM released) FROM message")
+# The unserved tickets ahead, oldest first, with whether the process holding each is still connected.
+HOLDERS = (
+    "SELECT t.served, k.ticket, EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.pid) AS alive"
+    " FROM turns t JOIN turn_tickets k ON (k.platform, k.workspace, k.channel, k.thread)"
+    " = (t.platform, t.workspace, t.channel, t.thread) AND k.ticket > t.served"
+    f" WHERE t.platform = $1 AND t.workspace = $2 AND t.channel = $3 AND t.thread = $4 AND k.ticket < $5"
+    " ORDER BY k.ticket"
+)
+SKIP = (  # $5 served as read, $6 the last dead ticket; $7, $8 the notification
+    f"WITH skipped AS (UPDATE turns SET served = $6 WHERE {KEY} AND thread = $4 AND served = $5"
+    " RETURNING issued, served),"
+    f" gone AS (DELETE FROM turn_tickets WHERE {KEY} AND thread = $4 AND ticket <= $6"
+    " AND EXISTS (SELECT 1 FROM skipped))"
+    " SELECT pg_notify($7, $8) FROM skipped WHERE issued > served"
+)
+POLL = 1.0  # seconds a waiting message waits for its wake-up before it checks the holders ahead are alive
 NEXT_CONTEXT = (" ON CONFLICT (platform, workspace, channel, thread)"
                 " DO UPDATE SET context = contexts.context + 1, reset_at = excluded.reset_at")
 
 
-def _lock_id(*parts: str) -> int:
-    """A signed 64-bit advisory lock number for a name (collisions only make two conversations wait in turn)."""
+def advisory_lock_id(*parts: str) -> int:
+    """A signed 64-bit advisory lock number for a name, public for every store on the database (replica.py too):
+    a collision only makes two holders wait in turn."""
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
-MIGRATION_LOCK = _lock_id("personabot", "migrations")
-LOCK_HOLDERS = 2  # connections that take and release uncontended conversation locks, side by side
+MIGRATION_LOCK = advisory_lock_id("personabot", "migrations")
 
 
 def _now() -> str:
@@ -70,33 +136,44 @@ async def _no_session_state(connection: asyncpg.Connection) -> None:
     """Pool connections for statements keep no session state, so returning one costs no reset round trip."""
 
 
+class _Waiter:
+    """One message waiting here for its turn: `served` is the newest served ticket it has heard of."""
+
+    def __init__(self, ticket: int | None = None):
+        self.ticket = ticket  # None until its ticket is taken: then it hears of every ticket served
+        self.served = -1
+        self.woken = asyncio.Event()
+
+    def heard(self, served: int) -> None:
+        self.served = max(self.served, served)
+        self.woken.set()
+
+
 class PostgresHistoryStore:
     shared = True  # other processes write the same database: nothing they change may be cached
 
-    def __init__(self, url: str, pool: asyncpg.Pool, lock_pool: asyncpg.Pool):
+    def __init__(self, url: str, pool: asyncpg.Pool, listener: asyncpg.Connection):
         self.url = url
         self._pool = pool
-        # Connections that wait for a conversation another process is answering (pg_advisory_lock blocks one).
-        self._lock_pool = lock_pool
-        # Connections holding the uncontended conversation locks, many each; a lock always goes to the same one
-        # (its number picks it), so its unlock runs where it was taken. One statement at a time on each.
-        self._locks: list[asyncpg.Connection | None] = [None] * LOCK_HOLDERS
-        self._locks_use = [asyncio.Lock() for _ in range(LOCK_HOLDERS)]
-        # Conversation -> when this process's newest message for it has its lock request placed in PostgreSQL.
-        self._placed: dict[ConvKey, asyncio.Future] = {}
+        # Open as long as the process: its server pid names this process's tickets, and NOTIFY wakes arrive on it.
+        self._listener = listener
+        # (conversation's lock id, ticket) -> woken when the ticket before it is served.
+        self._waiting: dict[int, list[_Waiter]] = {}  # conversation's lock id -> its messages waiting here
+        # Conversation -> when this process's newest message for it has its ticket (the next one asks after).
+        self._issuing: dict[ConvKey, asyncio.Future] = {}
+        self._in_turn: dict[ConvKey, int] = {}  # messages being answered or waiting here, per conversation
+        self._abandoned: set[asyncio.Task] = set()  # tickets given up or not yet served: see _background
+        self._notifying: set[asyncio.Task] = set()
         self._closing = False
         self._busy = 0  # statements under way: close() lets them finish, as the SQLite store commits its queue
         self._idle = asyncio.Event()
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int = 8, lock_connections: int = 8) -> "PostgresHistoryStore":
+    async def open(cls, url: str, *, pool_size: int = 8) -> "PostgresHistoryStore":
         """Connect, bring the schema up to date (once, however many processes start together) and pool.
 
-        A process holds at most `pool_size + lock_connections + LOCK_HOLDERS` connections (18: five processes
-        fit in PostgreSQL's default max_connections of 100). Lock connections wait for conversations that
-        are busy (here or elsewhere) when a message for them arrives; past `lock_connections` such waits at
-        once, the next wait queues in this process until one frees, where a later message elsewhere could
-        go first.
+        A process holds at most `pool_size + 1` connections (9: eleven processes fit in PostgreSQL's default
+        max_connections of 100), however many conversations are waiting: a wait holds no connection.
         """
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, reset=_no_session_state)
@@ -105,32 +182,24 @@ class PostgresHistoryStore:
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)
-            # All open from the start and never closed for idleness: a wait is queued the moment its message
-            # arrives, not a connection's setup later (which would let a later message elsewhere go first).
-            lock_pool = await asyncpg.create_pool(url, min_size=lock_connections, max_size=lock_connections,
-                                                  max_inactive_connection_lifetime=0)
+            store = cls(url, pool, await asyncpg.connect(url))
+            await store._listener.add_listener(TURNS_CHANNEL, store._woken)
         except BaseException:
             await pool.close()
-            raise
-        store = cls(url, pool, lock_pool)
-        try:  # opened now, so that a message's first lock request is not late by a connection's setup
-            store._locks = list(await asyncio.gather(*(asyncpg.connect(url) for _ in range(LOCK_HOLDERS))))
-        except BaseException:
-            await store.close()
             raise
         return store
 
     async def close(self) -> None:
         if self._closing:
             return
+        for task in self._abandoned:
+            task.cancel()
+        await asyncio.gather(*self._abandoned, *self._notifying, return_exceptions=True)
         self._closing = True
         self._idle.clear()
         if self._busy:
             await self._idle.wait()
-        for connection in self._locks:
-            if connection is not None:
-                await connection.close()
-        await self._lock_pool.close()
+        await self._listener.close()  # this process's tickets left behind now read as dead to the others
         await self._pool.close()
 
     # -- statements ----------------------------------------------------------------------------------
@@ -153,11 +222,22 @@ class PostgresHistoryStore:
 
     async def append(self, key: ConvKey, role: str, content: str, *, author: str = "", persona: str = "",
                      tokens: int = 0, finish_reason: str | None = None, prompt_tokens: int = 0,
-                     completion_tokens: int = 0) -> int:
-        """Store one turn in the conversation's current context; returns its id once committed."""
+                     completion_tokens: int = 0, ending: Turn | None = None) -> int:
+        """Store one turn in the conversation's current context; returns its id once committed.
+
+        `ending`: the reply's last write also ends that turn, in the same statement (and wakes the next
+        message's holder), saving the turn's own round trip at the end.
+        """
         check_turn(role, content, tokens, prompt_tokens, completion_tokens)
-        return await self._run("fetchval", INSERT_MESSAGE, *key, role, author, content, persona, tokens,
-                               prompt_tokens, completion_tokens, finish_reason, _now())
+        params = (*key, role, author, content, persona, tokens, prompt_tokens, completion_tokens, finish_reason,
+                  _now())
+        if ending is None or ending.released or ending.ticket is None:
+            return await self._run("fetchval", INSERT_MESSAGE, *params)
+        lock = advisory_lock_id(*ending.key)
+        message_id, issued = await self._run("fetchrow", APPEND_AND_RELEASE, *params, *ending.key, ending.ticket)
+        ending.released = True  # only once committed: a failed write leaves the turn to end with its `async with`
+        self._served(lock, ending.ticket, issued)
+        return message_id
 
     async def window(self, key: ConvKey, budget_tokens: int,
                      counter: Callable[[Message], int] | None = None) -> list[Message]:
@@ -185,83 +265,196 @@ class PostgresHistoryStore:
         )
 
     @asynccontextmanager
-    async def turn(self, key: ConvKey) -> AsyncIterator[None]:
-        """Held while one message of the conversation is answered, by whichever process answers it."""
-        lock = _lock_id(*key)
-        before = self._placed.get(key)
-        placed = self._placed[key] = asyncio.get_running_loop().create_future()
-        try:
-            if before is not None:  # this process's previous message for it asks PostgreSQL first
-                await asyncio.wait({before})
-            # The common case, nobody else busy with the conversation: take the lock on a shared connection.
-            if before is None and await self._try_lock(lock):
-                placed.set_result(None)
-                try:
-                    yield
-                finally:
-                    await asyncio.shield(self._unlock(lock))
-                return
-            # Someone is (here or in another process): queue for the lock in PostgreSQL on a connection of our
-            # own. Returning it to its pool resets it, which releases the lock even when the wait or the reply
-            # was cancelled.
-            async with self._lock_pool.acquire() as connection:
-                waiting = asyncio.ensure_future(connection.execute(f"SELECT pg_advisory_lock({lock})"))
-                try:
-                    try:
-                        await self._queued(connection, waiting)
-                    finally:
-                        placed.set_result(None)  # the next message here may ask now: it queues behind this one
-                    await waiting
-                except BaseException:  # the wait is cancelled with us, before the connection goes back
-                    waiting.cancel()
-                    await asyncio.wait({waiting})
-                    raise
-                yield
-        finally:
-            if not placed.done():
-                placed.set_result(None)
-            if self._placed.get(key) is placed:
-                del self._placed[key]
+    async def turn(self, key: ConvKey, *, spend: bool = False) -> AsyncIterator[Turn]:
+        """Held while one message of the conversation is answered, by whichever process answers it.
 
-    async def _queued(self, connection: asyncpg.Connection, waiting: asyncio.Future) -> None:
-        """Returns once the lock request on `connection` is granted or waiting in PostgreSQL's queue."""
-        pid = connection.get_server_pid()
-        while not waiting.done():
-            if await self._pool.fetchval(QUEUED, pid):
-                return
-            await asyncio.sleep(0.0005)
+        The message takes its ticket on entry; the statement that finds its turn has come also reads what
+        answering it needs (the channel's persona, the workspace personas' newest row, today's spend when
+        `spend`, the window), yielded as a `Turn`. `append(..., ending=turn)` ends the turn with the reply's
+        last write; otherwise it ends when the `async with` does.
+        """
+        lock = advisory_lock_id(*key)
+        before = self._issuing.get(key)
+        issued = self._issuing[key] = asyncio.get_running_loop().create_future()
+        self._in_turn[key] = self._in_turn.get(key, 0) + 1
+        # Listening before the ticket is taken: a ticket served in between still wakes this one.
+        waiter = _Waiter()
+        self._waiting.setdefault(lock, []).append(waiter)
+        try:
+            try:
+                if before is not None:  # this process's previous message for it takes its ticket first
+                    await asyncio.wait({before})
+                rows = await self._take_ticket(key, lock, spend)
+            finally:
+                if not issued.done():
+                    issued.set_result(None)
+            ticket = waiter.ticket = rows[0]["ticket"]
+            try:
+                if rows[0]["served"] + 1 < ticket:  # someone (here or elsewhere) is answering an earlier one
+                    waiter.heard(rows[0]["latest"])
+                    rows = await self._await_turn(key, waiter, spend)
+            except BaseException:  # gave up waiting: the ticket is served, doing nothing, when it comes up
+                self._abandon(key, lock, ticket)
+                raise
+            finally:
+                self._stop_waiting(lock, waiter)
+            turn = self._opened(key, ticket, rows)
+            try:
+                yield turn
+            finally:
+                if not turn.released:
+                    await asyncio.shield(self._end(key, lock, ticket))
+        finally:
+            self._stop_waiting(lock, waiter)
+            if self._issuing.get(key) is issued:
+                del self._issuing[key]
+            self._in_turn[key] -= 1
+            if not self._in_turn[key]:
+                del self._in_turn[key]
 
     @property
     def conversations_in_turn(self) -> int:
         """Conversations with a message being answered or waiting here (0 when idle: nothing is left behind)."""
-        return len(self._placed)
+        return len(self._in_turn)
 
-    async def _try_lock(self, lock: int) -> bool:
-        attempt = asyncio.ensure_future(self._on_locks("SELECT pg_try_advisory_lock($1)", lock))
+    def _reads(self, spend: bool) -> tuple:
+        return (spend, _now()[:10], MAX_TURNS)
+
+    async def _take_ticket(self, key: ConvKey, lock: int, spend: bool) -> list[asyncpg.Record]:
+        pid = await self._listening_pid()
+        taking = asyncio.ensure_future(self._run("fetch", TAKE_TICKET + TURN_READS, *key, pid, *self._reads(spend)))
         try:
-            return await asyncio.shield(attempt)
+            return await asyncio.shield(taking)
         except asyncio.CancelledError:
-            def give_back(done: asyncio.Future) -> None:  # the lock may be ours by the time the answer comes
-                if not done.cancelled() and done.exception() is None and done.result():
-                    asyncio.ensure_future(self._unlock(lock))
-            attempt.add_done_callback(give_back)
+            def give_back(done: asyncio.Future) -> None:  # the ticket may be ours by the time the answer comes
+                if not done.cancelled() and done.exception() is None:
+                    self._abandon(key, lock, done.result()[0]["ticket"])
+            taking.add_done_callback(give_back)
             raise
 
-    async def _unlock(self, lock: int) -> None:
-        try:
-            await self._on_locks("SELECT pg_advisory_unlock($1)", lock)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # The reply is done; a connection that failed took its locks with it.
-            log.warning("could not release a conversation lock: %s", exc)
+    async def _await_turn(self, key: ConvKey, waiter: "_Waiter", spend: bool) -> list[asyncpg.Record]:
+        """Waits, holding no connection, until the ticket before the waiter's is served; returns the turn's
+        reads. Woken by the process that served it (NOTIFY, or directly when that is this process)."""
+        ticket = waiter.ticket
+        assert ticket is not None
+        while True:
+            if waiter.served + 1 < ticket:
+                waiter.woken.clear()
+                try:
+                    await asyncio.wait_for(waiter.woken.wait(), POLL)
+                except asyncio.TimeoutError:
+                    await self._skip_dead(key, advisory_lock_id(*key), ticket)
+            rows = await self._run("fetch", CHECK_TURN + TURN_READS, *key, ticket, *self._reads(spend))
+            if rows[0]["served"] + 1 >= ticket:
+                return rows
+            waiter.heard(rows[0]["served"])
 
-    async def _on_locks(self, sql: str, lock: int) -> Any:
-        holder = lock % LOCK_HOLDERS
-        async with self._locks_use[holder]:
-            connection = self._locks[holder]
-            if connection is None or connection.is_closed():
-                # A lost connection lost its locks with it; the turns that held them finish unprotected.
-                connection = self._locks[holder] = await asyncpg.connect(self.url)
-            return await connection.fetchval(sql, lock)
+    def _woken(self, connection: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
+        lock, served = payload.split(":")
+        self._wake(int(lock), int(served))
+
+    def _wake(self, lock: int, served: int) -> bool:
+        """Wakes this process's messages that `served` concerns; True if the next ticket's holder is here."""
+        here = False
+        for waiter in self._waiting.get(lock, ()):
+            if waiter.ticket is None or waiter.ticket <= served + 1:
+                waiter.heard(served)
+                here = here or waiter.ticket == served + 1
+        return here
+
+    def _stop_waiting(self, lock: int, waiter: "_Waiter") -> None:
+        waiters = self._waiting.get(lock, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiting[lock]
+
+    async def _skip_dead(self, key: ConvKey, lock: int, ticket: int) -> None:
+        """Serves the tickets ahead of `ticket` whose processes are gone, up to the first live one."""
+        rows = await self._run("fetch", HOLDERS, *key, ticket)
+        dead = None
+        for row in rows:
+            if row["alive"]:
+                break
+            dead = row["ticket"]
+        if dead is not None:
+            log.warning("skipping turns of a process that is gone", extra={"key": str(key)})
+            await self._run("execute", SKIP, *key, rows[0]["served"], dead, TURNS_CHANNEL, f"{lock}:{dead}")
+
+    def _opened(self, key: ConvKey, ticket: int, rows: list[asyncpg.Record]) -> Turn:
+        first = rows[0]
+        newest = [({"role": row["role"], "content": row["content"]}, row["tokens"])
+                  for row in rows if row["role"] is not None]
+
+        async def window(budget_tokens: int, counter: Callable[[Message], int] | None = None) -> list[Message]:
+            if budget_tokens <= 0:
+                return []
+            return fit_window(newest, len(newest) < MAX_TURNS, budget_tokens, counter)  # type: ignore[arg-type]
+
+        return Turn(key, first["persona"], first["spent"], first["newest"], window, ticket)
+
+    async def _end(self, key: ConvKey, lock: int, ticket: int, *, again: bool = True) -> None:
+        """Serves `ticket`. While that fails (the server restarting, say) it is tried again every POLL seconds
+        in the background: the others take this process for dead only once it is, and wait for it till then."""
+        try:
+            self._served(lock, ticket, await self._run("fetchval", RELEASE, *key, ticket))
+            return
+        except (OSError, HistoryError, asyncpg.InterfaceError) as exc:
+            if self._closing:  # its listening connection closes with it: the others skip the ticket
+                return
+            if not again:
+                raise
+            log.error("could not end a conversation's turn (trying again): %s", exc)
+
+        async def retry() -> None:
+            while True:
+                await asyncio.sleep(POLL)
+                with contextlib.suppress(OSError, HistoryError, asyncpg.InterfaceError):
+                    return await self._end(key, lock, ticket, again=False)
+
+        self._background(retry())
+
+    def _served(self, lock: int, ticket: int, issued: int | None) -> None:
+        """After `ticket` was served: wake the next ticket's holder, here directly, elsewhere by NOTIFY (sent
+        in a transaction of its own, without waiting for it)."""
+        if issued is None or issued <= ticket or self._wake(lock, ticket):
+            return
+        task = asyncio.ensure_future(self._run("execute", NOTIFY, TURNS_CHANNEL, f"{lock}:{ticket}"))
+        self._notifying.add(task)
+        task.add_done_callback(self._notified)
+
+    def _notified(self, task: asyncio.Task) -> None:
+        self._notifying.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the waiter finds out within POLL anyway
+            log.warning("could not wake the next message's holder: %s", task.exception())
+
+    def _abandon(self, key: ConvKey, lock: int, ticket: int) -> None:
+        """A ticket given up while waiting is served once its turn comes, so the messages after it go on."""
+        async def serve() -> None:
+            waiter = _Waiter(ticket)
+            self._waiting.setdefault(lock, []).append(waiter)
+            try:
+                await self._await_turn(key, waiter, False)
+            finally:
+                self._stop_waiting(lock, waiter)
+            await self._end(key, lock, ticket)
+
+        if not self._closing:  # closing the listening connection makes every ticket left here read as dead
+            self._background(serve())
+
+    def _background(self, work: Awaitable[None]) -> None:
+        """Turn keeping that must outlive the message it was for; cancelled when the store closes."""
+        task = asyncio.ensure_future(work)
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+
+    async def _listening_pid(self) -> int:
+        """The server pid of the connection this process listens on; reopened if it was lost (tickets taken
+        under the old one then read as dead to the others, who skip them)."""
+        if self._listener.is_closed():
+            self._listener = await asyncpg.connect(self.url)
+            await self._listener.add_listener(TURNS_CHANNEL, self._woken)
+        return self._listener.get_server_pid()
 
     # -- channels ------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import aiosqlite
 
 from bot.conversation import ConvKey
 
-log = logging.getLogger("bot.history")
+log = logging.getLogger("bot.history")  # the store's name: its write failures log as they did before the split
 
 
 class HistoryError(RuntimeError):

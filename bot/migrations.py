@@ -329,3 +329,58 @@ def m006_knowledge(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE knowledge_names (source TEXT PRIMARY KEY, given TEXT NOT NULL)")
     # How the index was built (embedding model, chunking), so that no process re-chunks what another built alike.
     db.execute("CREATE TABLE knowledge_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@migration
+def m007_notices_said(db: sqlite3.Connection) -> None:
+    # Notes the bot says once per channel (e.g. Discord: "give me Manage Webhooks and personas answer in their
+    # own name"), so that a restart or a second process does not say them again. A row is claimed with
+    # INSERT ... ON CONFLICT DO NOTHING: whichever process inserts it is the one that speaks.
+    db.execute(
+        """
+        CREATE TABLE notices_said (
+            platform TEXT NOT NULL,
+            workspace TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            notice TEXT NOT NULL,
+            said_at TEXT NOT NULL,
+            PRIMARY KEY (platform, workspace, channel, notice)
+        ) WITHOUT ROWID
+        """
+    )
+
+
+@migration
+def m008_turn_tickets(db: sqlite3.Connection) -> None:
+    # The order in which several processes answer one conversation's messages (PostgreSQL; one SQLite process
+    # orders them in memory and leaves these empty). Each message takes the conversation's next ticket as it
+    # arrives (`issued`) and is answered once `served` reaches the ticket before it. PostgreSQL keeps both
+    # tables UNLOGGED (bot/sql_dialect.py): after a server restart no connection, so no turn, survives anyway.
+    db.execute(
+        """
+        CREATE TABLE turns (
+            platform TEXT NOT NULL,
+            workspace TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            thread TEXT NOT NULL DEFAULT '',
+            issued INTEGER NOT NULL,
+            served INTEGER NOT NULL,
+            PRIMARY KEY (platform, workspace, channel, thread)
+        ) WITHOUT ROWID
+        """
+    )
+    # Tickets not yet served, and the server pid of the connection their process listens on: a ticket whose
+    # process is gone (its connections closed) is skipped, so a crash never stalls a conversation.
+    db.execute(
+        """
+        CREATE TABLE turn_tickets (
+            platform TEXT NOT NULL,
+            workspace TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            thread TEXT NOT NULL DEFAULT '',
+            ticket INTEGER NOT NULL,
+            pid INTEGER NOT NULL,
+            PRIMARY KEY (platform, workspace, channel, thread, ticket)
+        ) WITHOUT ROWID
+        """
+    )

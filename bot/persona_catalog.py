@@ -5,8 +5,9 @@ shipped `assistant` in one server gives that server its own copy. Workspace pers
 database as YAML and are validated by the same `parse_persona` as files; nothing here ever writes a file.
 
 Each workspace's parsed personas are cached. When other processes share the store (PostgreSQL), the cache is
-checked on every use against the workspace's newest persona row (one index lookup), so a persona saved in
-another process is used from that workspace's next message on.
+checked on every use against the workspace's newest persona row (one index lookup; a message's turn reads it in
+the statement that starts the turn), so a persona saved in another process is used from that workspace's next
+message on.
 """
 from __future__ import annotations
 
@@ -48,17 +49,20 @@ class PersonaCatalog:
         self._own = Recent(CACHED_WORKSPACES)
         self._lock = asyncio.Lock()
 
-    async def entries(self, workspace: Workspace) -> dict[str, Entry]:
-        """Every persona the workspace may use, by name."""
-        own = await self._own_personas(workspace)
+    async def entries(self, workspace: Workspace, *, version: object = MISSING) -> dict[str, Entry]:
+        """Every persona the workspace may use, by name.
+
+        `version`: the workspace's newest persona row as the caller already read it (a message's turn does);
+        MISSING: read here when other processes share the store."""
+        own = await self._own_personas(workspace, version)
         await self.library.refresh()  # parses changed files on a worker thread, never on the event loop
         found = {p.name: Entry(p, Origin.SHIPPED, True) for p in self.library.all()}
         for name, (persona, by_owner) in own.items():
             found[name] = Entry(persona, Origin.COPY if name in found else Origin.OWN, by_owner)
         return dict(sorted(found.items()))
 
-    async def entry(self, workspace: Workspace, name: str) -> Entry:
-        entries = await self.entries(workspace)
+    async def entry(self, workspace: Workspace, name: str, *, version: object = MISSING) -> Entry:
+        entries = await self.entries(workspace, version=version)
         try:
             return entries[name]
         except KeyError:
@@ -81,9 +85,9 @@ class PersonaCatalog:
         """The personas the workspace made itself (for export), by name."""
         return [persona for _, (persona, _) in sorted((await self._own_personas(workspace)).items())]
 
-    async def _own_personas(self, workspace: Workspace) -> dict[str, tuple[Persona, bool]]:
-        newest = None
-        if getattr(self.history, "shared", False):
+    async def _own_personas(self, workspace: Workspace, version: object = MISSING) -> dict[str, tuple[Persona, bool]]:
+        newest = None if version is MISSING else version
+        if version is MISSING and getattr(self.history, "shared", False):
             newest = (await self.history.fetch(NEWEST_ROW, tuple(workspace)))[0][0]
         cached = self._own.get(workspace)
         if cached is not MISSING and cached[0] == newest:

@@ -19,6 +19,10 @@ _TYPES = [
     (re.compile(r"\bREAL\b", re.IGNORECASE), "DOUBLE PRECISION"),
     (re.compile(r"\bBLOB\b", re.IGNORECASE), "BYTEA"),
 ]
+# Tables of state that means nothing once the server restarts (every connection, so every turn, is gone):
+# PostgreSQL keeps them out of the WAL, so writing them costs no flush to disk.
+UNLOGGED_TABLES = ("turns", "turn_tickets")
+_UNLOGGED = re.compile(rf"^(\s*CREATE)\s+TABLE\s+(?=(?:{'|'.join(UNLOGGED_TABLES)})\b)", re.IGNORECASE)
 _OR_IGNORE = re.compile(r"^(\s*INSERT)\s+OR\s+IGNORE\b", re.IGNORECASE)
 _OR_REPLACE = re.compile(r"^\s*(INSERT\s+OR\s+REPLACE|REPLACE)\b", re.IGNORECASE)
 # A quoted string or identifier (kept whole), or a `?` placeholder outside them.
@@ -37,6 +41,7 @@ def to_postgres(sql: str) -> str:
     if _DDL.match(sql):
         for pattern, replacement in _TYPES:
             sql = pattern.sub(replacement, sql)
+        sql = _UNLOGGED.sub(r"\1 UNLOGGED TABLE ", sql)
     if _OR_IGNORE.match(sql):
         sql = _OR_IGNORE.sub(r"\1", sql).rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
     return numbered(sql)

@@ -13,9 +13,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from bot.models.base import Message
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 ROLES = ("system", "user", "assistant")
 MAX_CHARS = 100_000  # a single conversation beyond this is almost always a pasted log, not a dialogue
@@ -221,21 +224,15 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int, rep
     )
 
 
-async def history_examples(db_path: Path, report: DataReport, persona: str | None = None, *,
-                           database_url: str | None = None) -> list[Example]:
+async def history_examples(settings: "Settings", report: DataReport, persona: str | None = None) -> list[Example]:
     """Stored conversations (only those held with `persona`, when given), read through the same export
-    `personabot history export` writes: from PostgreSQL when `database_url` is given, else the SQLite file."""
-    from bot.history import HistoryStore
+    `personabot history export` writes, from the store the bot uses (PostgreSQL or the SQLite file)."""
+    from bot.history import open_history
 
-    if database_url:
-        from bot.history_pg import PostgresHistoryStore
-
-        store = await PostgresHistoryStore.open(database_url)
-    elif not Path(db_path).exists():
-        report.drop(str(db_path), "no history database yet")
+    if not settings.database_url and not settings.db_path.exists():
+        report.drop(str(settings.db_path), "no history database yet")
         return []
-    else:
-        store = await HistoryStore.open(db_path)
+    store = await open_history(settings)
     try:
         rows = [(f"history #{i + 1}", row) async for i, row in _aenumerate(store.export(persona=persona))]
     finally:

@@ -120,8 +120,7 @@ def collect(config: FinetuneConfig, settings: Settings) -> Split:
             raise FinetuneError(f"--data {path}: no such file")
         examples += read_jsonl(path, report)
     if config.from_history:
-        history = asyncio.run(history_examples(settings.db_path, report, config.persona,
-                                               database_url=settings.database_url))
+        history = asyncio.run(history_examples(settings, report, config.persona))
         examples += with_system(history, system)
     for path in config.text:
         if not path.is_file():

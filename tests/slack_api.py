@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -15,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlencode
 
 import aiohttp
@@ -79,6 +80,12 @@ class FakeSlackApi:
             await self.socket.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def __aenter__(self) -> "FakeSlackApi":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     @property
     def api_url(self) -> str:
@@ -358,3 +365,18 @@ def slack_settings(tmp_path: Path, personas: dict[str, str], model_url: str, api
         **{"SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_SIGNING_SECRET": SIGNING_SECRET, "SLACK_API_URL": api.api_url,
            **extra},  # `extra` may override these (SLACK_BOT_TOKEN=None: tokens only from OAuth installs)
     )
+
+
+@contextlib.asynccontextmanager
+async def served(engine: Any, settings: Any) -> AsyncIterator[str]:
+    """The bot's Slack web app (create_web_app over create_slack_app) on a free port of 127.0.0.1, as Slack
+    and an installer's browser would reach it: its base URL, e.g. f"{url}/slack/events"."""
+    from bot.platforms.slack_http import create_slack_app, create_web_app
+
+    runner = web.AppRunner(create_web_app(create_slack_app(engine, settings)))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

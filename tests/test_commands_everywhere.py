@@ -10,15 +10,13 @@ import io
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from bot import commands
 from bot.engine import Engine
-from bot.platforms.slack_http import create_slack_app, create_web_app
 from bot.platforms.slack_format import to_mrkdwn
 from bot.platforms.terminal import chat
 from openai_server import openai_server  # noqa: F401  (fixture)
-from slack_api import BOT_TOKEN, SIGNING_SECRET, FakeSlackApi, SlackApp
+from slack_api import BOT_TOKEN, SIGNING_SECRET, FakeSlackApi, SlackApp, served
 from test_discord import FakeInteraction, bot, channel, engine, make_admin, member  # noqa: F401  (fixtures)
 
 SLACK_ADMIN = "UADMIN"
@@ -48,16 +46,11 @@ AS_MEMBER = ["/persona set sre", "/reset", "/channel enable", "/usage", "/person
 
 @pytest.fixture
 async def slack(engine):
-    api = await FakeSlackApi(admins={SLACK_ADMIN}).start()
-    engine.settings = engine.settings.model_copy(update={
-        "slack_api_url": api.api_url, "slack_bot_token": BOT_TOKEN, "slack_signing_secret": SIGNING_SECRET})
-    runner = web.AppRunner(create_web_app(create_slack_app(engine, engine.settings)))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    async with aiohttp.ClientSession() as session:
-        yield SlackApp(f"http://127.0.0.1:{runner.addresses[0][1]}/slack/events", session), api
-    await runner.cleanup()
-    await api.close()
+    async with FakeSlackApi(admins={SLACK_ADMIN}) as api:
+        engine.settings = engine.settings.model_copy(update={
+            "slack_api_url": api.api_url, "slack_bot_token": BOT_TOKEN, "slack_signing_secret": SIGNING_SECRET})
+        async with served(engine, engine.settings) as url, aiohttp.ClientSession() as session:
+            yield SlackApp(f"{url}/slack/events", session), api
 
 
 async def on_terminal(engine: Engine, line: str) -> str:

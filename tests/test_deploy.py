@@ -6,6 +6,7 @@ where those tools are installed.
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -137,3 +138,13 @@ def test_caddy_accepts_the_caddyfile():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert '"dynamic_upstreams"' in result.stdout
+
+
+@pytest.mark.skipif(not shutil.which("caddy"), reason="caddy is not installed")
+def test_caddy_serves_plain_http_when_env_leaves_the_public_url_out():
+    given = compose()["services"]["proxy"]["environment"]["PERSONABOT_PUBLIC_URL"]
+    left_out = re.fullmatch(r"\$\{PERSONABOT_PUBLIC_URL:-(.*)\}", given).group(1)  # what compose then passes
+    result = subprocess.run(["caddy", "adapt", "--config", str(ROOT / "deploy/Caddyfile"), "--adapter", "caddyfile"],
+                            capture_output=True, text=True, env={**os.environ, "PERSONABOT_PUBLIC_URL": left_out})
+    assert result.returncode == 0, result.stderr
+    assert '"listen":[":80"]' in result.stdout

@@ -7,6 +7,7 @@ recording what the handler answered. Modal submissions go through discord.py's o
 from __future__ import annotations
 
 import asyncio
+import collections
 import shutil
 import sqlite3
 import sys
@@ -20,7 +21,9 @@ from discord import app_commands
 from discord.ext.test import callbacks
 
 from bot.config import Settings
+from bot.conversation import ConvKey
 from bot.engine import Engine
+from bot.notices import SaidOnce
 from bot.personas import Persona
 from bot.platforms import discord_reply
 from bot.platforms.discord_bot import create_bot
@@ -416,6 +419,119 @@ async def test_direct_message_replies_under_the_bots_name_and_says_so_once(bot):
     assert await bot_messages(dm, bot, notices=True) == ["echo: hi", discord_reply.DM_NOTICE, "echo: again"]
 
 
+async def restart(bot, engine) -> Engine:
+    """The bot's process restarted: a new engine on the same database, nothing remembered in memory; Discord's
+    channels are the same ones."""
+    await engine.close()
+    again = await Engine.create(engine.settings, knowledge=False)
+    bot.engine, bot.webhooks, bot.said_once = again, discord_reply.PersonaWebhooks(), SaidOnce(again.history)
+    return again
+
+
+async def test_how_to_enable_personas_is_said_once_per_channel_also_across_a_restart(bot, engine):
+    await say_to_bot(bot, "one")
+    again = await restart(bot, engine)
+    try:
+        await say_to_bot(bot, "two")
+        await say_to_bot(bot, "elsewhere", where="random")
+    finally:
+        await again.close()
+
+    assert await bot_messages(channel("general"), bot, notices=True) == [
+        "echo: one", discord_reply.NO_WEBHOOKS_NOTICE, "echo: two"]
+    assert await bot_messages(channel("random"), bot, notices=True) == [
+        "echo: elsewhere", discord_reply.NO_WEBHOOKS_NOTICE]
+
+
+async def test_a_once_per_channel_note_is_said_by_one_of_two_processes_on_either_store(settings, store_url):
+    settings.database_url = store_url
+    first, second = await Engine.create(settings, knowledge=False), await Engine.create(settings, knowledge=False)
+    key, thread = ConvKey("discord", "1", "10"), ConvKey("discord", "1", "10", "11")
+    try:
+        claims = await asyncio.gather(*(SaidOnce(e.history).first_time(key, "note") for e in (first, second)))
+        later = [await SaidOnce(e.history).first_time(thread, "note") for e in (first, second)]
+        other = await SaidOnce(second.history).first_time(key, "another note")
+    finally:
+        await first.close()
+        await second.close()
+
+    assert sorted(claims) == [False, True] and later == [False, False] and other is True
+
+
+# -- what one streamed reply costs in Discord calls (README: Discord → Personas' names and avatars) -------------
+
+STREAMED = Reply(chunks=["One, ", "two, ", "three, ", "four."], chunk_delay=0.15)  # a send, then 3 edits
+
+
+def count_calls(bot, monkeypatch, hooks: dict | None = None) -> collections.Counter:
+    """Every REST call the bot makes, by route: dpytest's HTTP client for the bot's own messages, the fake
+    webhooks (and the channel's webhook list and create) for the persona's."""
+    calls: collections.Counter = collections.Counter()
+    dispatch = callbacks.dispatch_event
+
+    async def counted(event: str, *args, **kwargs) -> None:  # dpytest's HTTP client reports each call here
+        calls[event] += 1
+        await dispatch(event, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "dispatch_event", counted)
+    if hooks is not None:
+        for attr, name in (("webhooks", "GET channel webhooks"), ("create_webhook", "POST channel webhook")):
+            async def counted_hook(self, *args, _name=name, _original=getattr(discord.TextChannel, attr), **kwargs):
+                calls[_name] += 1
+                return await _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(discord.TextChannel, attr, counted_hook)
+        original_send = FakeWebhook.send
+
+        async def counted_send(self, *args, **kwargs):
+            calls["execute webhook"] += 1
+            message = await original_send(self, *args, **kwargs)
+            original_edit = message.edit
+
+            async def counted_edit(**edit):
+                calls["edit webhook message"] += 1
+                return await original_edit(**edit)
+
+            message.edit = counted_edit
+            return message
+
+        monkeypatch.setattr(FakeWebhook, "send", counted_send)
+    return calls
+
+
+async def replies_cost(bot, openai_server, calls: collections.Counter) -> list[dict]:
+    """The calls of a channel's first streamed reply and of its second, each streamed as a send and 3 edits."""
+    costs = []
+    for text in ("first", "second"):
+        openai_server.script(STREAMED)
+        calls.clear()
+        await say_to_bot(bot, text)
+        costs.append(dict(calls))
+    return costs
+
+
+async def test_a_streamed_reply_under_the_bots_own_name_costs_a_send_and_an_edit_per_update(bot, openai_server,
+                                                                                          monkeypatch):
+    calls = count_calls(bot, monkeypatch)
+
+    first, second = await replies_cost(bot, openai_server, calls)
+
+    # The first reply in a channel without Manage Webhooks also says (once, for good) how to enable personas.
+    assert first == {"send_typing": 1, "send_message": 2, "edit_message": 3}
+    assert second == {"send_typing": 1, "send_message": 1, "edit_message": 3}
+
+
+async def test_a_streamed_reply_as_the_persona_costs_the_same_through_the_webhook(bot, webhooks, openai_server,
+                                                                                monkeypatch):
+    calls = count_calls(bot, monkeypatch, webhooks)
+
+    first, second = await replies_cost(bot, openai_server, calls)
+
+    assert first == {"GET channel webhooks": 1, "POST channel webhook": 1, "send_typing": 1, "execute webhook": 1,
+                     "edit webhook message": 3}
+    assert second == {"send_typing": 1, "execute webhook": 1, "edit webhook message": 3}
+
+
 async def test_history_is_kept_per_channel_and_not_shared(bot, openai_server):
     await say_to_bot(bot, "remember the codeword swordfish", where="general")
     await say_to_bot(bot, "what was the codeword?", where="general")
@@ -712,12 +828,12 @@ async def test_ask_the_persona_on_a_message_answers_its_text_as_a_one_off(bot, e
     assert sent[0]["content"] == engine.personas.library.get("comic").system and "swordfish" not in str(sent)
 
 
-async def test_ask_the_persona_on_a_message_without_text_says_so(bot, openai_server):
-    image_only = await dpytest.message("", channel=channel("general"), member=member("alice"))
+async def test_ask_the_persona_on_a_message_without_text_or_files_says_so(bot, openai_server):
+    empty = await dpytest.message("", channel=channel("general"), member=member("alice"))
 
-    answer = await ask_the_persona(bot, image_only)
+    answer = await ask_the_persona(bot, empty)
 
-    assert answer.text == "That message has no text for me to answer." and openai_server.requests == []
+    assert answer.text == "That message has no text or files for me to answer." and openai_server.requests == []
 
 
 async def test_admin_creates_persona_through_form(bot, engine, openai_server):

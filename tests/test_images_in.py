@@ -17,7 +17,6 @@ import discord.ext.test as dpytest
 import discord.ext.test.backend as dpy_backend
 import discord.ext.test.factories as dpy_factories
 import pytest
-from aiohttp import web
 from PIL import Image
 
 from bot.config import Settings
@@ -25,10 +24,9 @@ from bot.conversation import Attachment, ConvKey, Incoming
 from bot.engine import Engine
 from bot.models.tokens import IMAGE_TOKENS, TokenCounter
 from bot.personas import PersonaError, parse_persona
-from bot.platforms.slack_http import create_slack_app, create_web_app
 from openai_server import openai_server  # noqa: F401  (fixture)
-from slack_api import BOT_TOKEN, BOT_USER, TEAM, FakeSlackApi, SlackApp, slack_settings
-from test_discord import bot, channel, engine, member  # noqa: F401  (fixtures)
+from slack_api import BOT_TOKEN, BOT_USER, TEAM, FakeSlackApi, SlackApp, served, slack_settings
+from test_discord import ask_the_persona, bot, channel, engine, member  # noqa: F401  (fixtures)
 
 PERSONAS = {
     "looker": "name: looker\nsystem: You describe pictures.\nmodel: {name: test-model, vision: true}\n",
@@ -257,17 +255,46 @@ async def test_history_keeps_the_reference_and_later_turns_resend_no_image(make_
 # -- Discord: an attachment on a message ---------------------------------------------------------------
 
 
+def discord_file(path, content_type: str) -> discord.Attachment:
+    """A Discord attachment whose CDN link is the file on disk (discord.py fetches it like any URL)."""
+    return discord.Attachment(state=dpy_backend.get_state(), data=dpy_factories.make_attachment_dict(
+        path.name, path.stat().st_size, path.as_uri(), path.as_uri(), content_type=content_type))
+
+
 async def test_discord_image_attachment_reaches_the_model(bot, tmp_path, openai_server):
-    path = tmp_path / "cat.png"
-    path.write_bytes(png())
-    image = discord.Attachment(state=dpy_backend.get_state(), data=dpy_factories.make_attachment_dict(
-        "cat.png", path.stat().st_size, path.as_uri(), path.as_uri(), content_type="image/png"))
+    (tmp_path / "cat.png").write_bytes(png())
     dpy_backend.make_message(f"<@{bot.user.id}> what is this?", member("alice"), channel("general"),
-                             attachments=[image])
+                             attachments=[discord_file(tmp_path / "cat.png", "image/png")])
     await dpytest.run_all_events()
 
     assert len(image_parts(openai_server.last)) == 1
     assert user_turn(openai_server.last)[0]["text"] == "what is this?\n\n[image: cat.png (image/png, 1 KB)]"
+
+
+async def test_ask_the_persona_on_a_message_sends_its_image_and_text_file_too(bot, tmp_path, openai_server):
+    (tmp_path / "cat.png").write_bytes(png())
+    (tmp_path / "notes.txt").write_text("the cat is called Bayes")
+    message = dpy_backend.make_message("who is this?", member("alice"), channel("general"), attachments=[
+        discord_file(tmp_path / "cat.png", "image/png"), discord_file(tmp_path / "notes.txt", "text/plain")])
+
+    await ask_the_persona(bot, message)
+
+    text, image = user_turn(openai_server.last)
+    assert text["text"] == ("who is this?\n\n[image: cat.png (image/png, 1 KB)]\n\n"
+                            "notes.txt:\n```\nthe cat is called Bayes\n```")
+    assert image["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+async def test_ask_the_persona_on_a_message_that_is_only_an_image_answers_it(bot, tmp_path, openai_server):
+    (tmp_path / "cat.png").write_bytes(png())
+    message = dpy_backend.make_message("", member("alice"), channel("general"),
+                                       attachments=[discord_file(tmp_path / "cat.png", "image/png")])
+
+    answer = await ask_the_persona(bot, message)
+
+    assert len(image_parts(openai_server.last)) == 1
+    assert user_turn(openai_server.last)[0]["text"] == "[image: cat.png (image/png, 1 KB)]"
+    assert answer.text.startswith("echo: ")
 
 
 # -- Slack: files on a mention, fetched with the workspace's token ---------------------------------------
@@ -275,18 +302,15 @@ async def test_discord_image_attachment_reaches_the_model(bot, tmp_path, openai_
 
 @pytest.fixture
 async def slack(tmp_path, settings, openai_server):
-    api = await FakeSlackApi().start()
-    config = slack_settings(tmp_path, {"assistant": PERSONAS["looker"].replace("looker", "assistant")},
-                            openai_server.base_url, api)
-    engine_ = await Engine.create(config, knowledge=False)
-    runner = web.AppRunner(create_web_app(create_slack_app(engine_, config)))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    async with aiohttp.ClientSession() as session:
-        yield SlackApp(f"http://127.0.0.1:{runner.addresses[0][1]}/slack/events", session), api
-    await runner.cleanup()
-    await engine_.close()
-    await api.close()
+    async with FakeSlackApi() as api:
+        config = slack_settings(tmp_path, {"assistant": PERSONAS["looker"].replace("looker", "assistant")},
+                                openai_server.base_url, api)
+        engine_ = await Engine.create(config, knowledge=False)
+        try:
+            async with served(engine_, config) as url, aiohttp.ClientSession() as session:
+                yield SlackApp(f"{url}/slack/events", session), api
+        finally:
+            await engine_.close()
 
 
 async def test_slack_shared_image_is_downloaded_with_the_bot_token_and_sent(slack, openai_server):

@@ -172,7 +172,7 @@ async def test_chunks_fit_the_model_and_remember_their_heading(embedder, retriev
     long_line = " ".join(f"word{n}" for n in range(900))  # no sentence breaks at all
     text = f"# Guide\n\n## Setup\n\n{'A sentence about setup. ' * 200}\n\n## Reference\n\n{long_line}\n\n```\n" + \
         "\n".join(f"line {n} = value" for n in range(300)) + "\n```\n"
-    chunker = retriever._chunker_for()
+    chunker = retriever.indexer.chunker()
 
     chunks = chunker.split(parse("guide.md", text.encode()))
 
@@ -186,7 +186,7 @@ async def test_chunks_fit_the_model_and_remember_their_heading(embedder, retriev
 async def test_consecutive_chunks_of_a_section_overlap(retriever):
     paragraphs = [f"Paragraph {n} opens here. " + f"Its body number {n} goes on for a while. " * 6 +
                   f"Paragraph {n} closes with marker{n}." for n in range(12)]  # each longer than the overlap
-    chunker = retriever._chunker_for()
+    chunker = retriever.indexer.chunker()
 
     chunks = chunker.split(parse("notes.md", ("# Notes\n\n" + "\n\n".join(paragraphs)).encode()))
 

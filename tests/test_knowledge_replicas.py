@@ -188,9 +188,9 @@ async def test_a_process_that_sees_no_knowledge_folder_removes_nothing_for_the_o
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 async def test_a_process_behind_a_pruned_log_compares_whole_collections(processes):
     a, b = processes
-    b._stop_following.set()  # only the search below catches up
-    b._wake.set()
-    b._follower.join()
+    b.indexer._stop_following.set()  # only the search below catches up
+    b.indexer._wake.set()
+    b.indexer._follower.join()
     await a.add_upload("parking.md", PARKING.encode(), "facilities")
     await a.add_upload("catering.md", CATERING.encode(), "canteen")
     a.store.prune_changes(keep=1)

@@ -1,9 +1,15 @@
 """A persona's own face: the `avatar` key in its file and forms, and the image files the bot serves for it."""
 from __future__ import annotations
 
+import asyncio
+import socket
+
+import aiohttp
 import pytest
 
 from bot import commands
+from bot.config import Settings
+from bot.conversation import ConvKey
 from bot.personas import MAX_AVATAR_BYTES, PersonaError, avatar_url, parse_persona, read_avatar
 from bot.render import describe_persona
 
@@ -57,3 +63,71 @@ def test_edit_form_shows_the_avatar_and_saves_it_back_within_discords_five_field
     extra = next(f for f in form.fields if f.id == "extra")
 
     assert len(form.fields) <= 5 and "avatar: ':laughing:'" in extra.value
+
+
+# -- a Discord-only deployment serves its avatar files too ------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_discord_only_run_with_a_public_url_serves_the_avatar_its_webhooks_point_at(tmp_path, settings,
+                                                                                           monkeypatch):
+    """`personabot run` with only DISCORD_TOKEN: Discord fetches a webhook's `avatar_url` itself, so the bot
+    must serve the file on $PORT though no Slack server runs. Discord's gateway is the one part stood in for."""
+    from bot import cli
+    from bot.platforms import discord_bot
+    from bot.platforms.discord_reply import persona_look
+
+    (tmp_path / "personas").mkdir()
+    face = PNG + b"face"
+    (tmp_path / "personas" / "face.png").write_bytes(face)
+    (tmp_path / "personas" / "comic.yaml").write_text(BASE + "avatar: face.png\n")
+    port = free_port()
+    config = Settings(_env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data",
+                      PERSONABOT_PERSONAS_DIR=tmp_path / "personas", PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge", PERSONABOT_DEFAULT_PERSONA="comic",
+                      OPENAI_API_KEY="sk-test", DISCORD_TOKEN="token", PORT=port, PERSONABOT_BIND_ADDRESS="127.0.0.1",
+                      PERSONABOT_PUBLIC_URL=f"http://127.0.0.1:{port}")
+    fetched: dict[str, tuple[int, bytes, str]] = {}
+
+    async def discord_connected(engine, settings) -> None:
+        look = persona_look(await engine.active_persona(ConvKey("discord", "1", "2")), None, settings.public_url)
+        async with aiohttp.ClientSession() as session:
+            for url in (look["avatar_url"], f"http://127.0.0.1:{port}/healthz", f"http://127.0.0.1:{port}/metrics"):
+                for _ in range(100):  # the web server starts beside this task
+                    try:
+                        async with session.get(url) as response:
+                            fetched[url] = (response.status, await response.read(), response.content_type)
+                            break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(discord_bot, "run_discord", discord_connected)
+    await cli._run_platforms(config, discord=True, slack=False)  # returns when "Discord" stops
+
+    assert fetched[f"http://127.0.0.1:{port}/avatars/face.png"] == (200, face, "image/png")
+    assert fetched[f"http://127.0.0.1:{port}/healthz"][0] == 200
+    assert fetched[f"http://127.0.0.1:{port}/metrics"][0] == 200
+
+
+async def test_discord_only_run_without_a_public_url_opens_no_port(tmp_path, settings, monkeypatch):
+    from bot import cli
+    from bot.platforms import discord_bot
+
+    port = free_port()
+    config = settings.model_copy(update={"discord_token": "token", "port": port, "bind_address": "127.0.0.1",
+                                         "openai_api_key": "sk-test"})
+    refused: list[bool] = []
+
+    async def discord_connected(engine, settings) -> None:
+        await asyncio.sleep(0.3)
+        with socket.socket() as s:
+            refused.append(s.connect_ex(("127.0.0.1", port)) != 0)
+
+    monkeypatch.setattr(discord_bot, "run_discord", discord_connected)
+    await cli._run_platforms(config, discord=True, slack=False)
+
+    assert refused == [True]

@@ -13,9 +13,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 from openai_server import Reply, openai_server  # noqa: F401  (fixture)
-from slack_api import SlackApp, slack_settings
+from slack_api import SlackApp, served, slack_settings
 from test_slack import PERSONAS, api  # noqa: F401  (fixture)
 
 from bot.config import Settings
@@ -25,7 +24,6 @@ from bot.history import HistoryError
 from bot.history_pg import PostgresHistoryStore
 from bot.migrations import MIGRATIONS, SchemaTooNew, statements
 from bot.personas import Persona, UnknownPersona
-from bot.platforms.slack_http import create_slack_app, create_web_app
 from bot.platforms.slack_replay import ReplayGuard
 from bot.sql_dialect import NotPortable, to_postgres
 
@@ -34,8 +32,13 @@ KEY = ConvKey("slack", "T1", "C1", "1700000000.000100")
 FORM = "application/x-www-form-urlencoded"
 
 
-async def two_stores(url: str) -> tuple[PostgresHistoryStore, PostgresHistoryStore]:
-    return await PostgresHistoryStore.open(url), await PostgresHistoryStore.open(url)
+@pytest.fixture
+async def stores(database_url):
+    """Two stores with pools of their own on one database: two processes, as far as the database can tell."""
+    a, b = await PostgresHistoryStore.open(database_url), await PostgresHistoryStore.open(database_url)
+    yield a, b
+    await a.close()
+    await b.close()
 
 
 def make_settings(tmp_path: Path, server, url: str, **extra) -> Settings:
@@ -150,23 +153,39 @@ async def test_two_engines_answer_one_conversation_in_arrival_order(tmp_path, op
         assert {"role": "assistant", "content": f"answer to m{n - 1}"} in request["messages"]
 
 
-async def test_a_second_message_waiting_in_one_process_is_not_overtaken_by_a_later_one_elsewhere(database_url):
-    a, b = await two_stores(database_url)
+async def test_a_second_message_waiting_in_one_process_is_not_overtaken_by_a_later_one_elsewhere(stores):
+    a, b = stores
     answered: list[str] = []
-    try:
-        async def message(store, name, arrives, answering):
-            await asyncio.sleep(arrives)
-            async with store.turn(KEY):
-                answered.append(name)
-                await asyncio.sleep(answering)
+    async def message(store, name, arrives, answering):
+        await asyncio.sleep(arrives)
+        async with store.turn(KEY):
+            answered.append(name)
+            await asyncio.sleep(answering)
 
-        await asyncio.gather(message(a, "first", 0, 0.3), message(a, "second", 0.05, 0), message(b, "third", 0.1, 0),
-                             message(b, "fourth", 0.15, 0), message(a, "fifth", 0.2, 0))
-        assert answered == ["first", "second", "third", "fourth", "fifth"]
-        assert a.conversations_in_turn == b.conversations_in_turn == 0
-    finally:
-        await a.close()
-        await b.close()
+    await asyncio.gather(message(a, "first", 0, 0.3), message(a, "second", 0.05, 0), message(b, "third", 0.1, 0),
+                         message(b, "fourth", 0.15, 0), message(a, "fifth", 0.2, 0))
+    assert answered == ["first", "second", "third", "fourth", "fifth"]
+    assert a.conversations_in_turn == b.conversations_in_turn == 0
+
+
+async def test_more_conversations_waiting_at_once_than_a_process_has_connections_keep_arrival_order(stores):
+    """40 conversations busy at once, each with a second message waiting in one process and a third arriving
+    at another: waits hold no connection, so none queues inside a process where the later one could pass it."""
+    a, b = stores
+    keys = [KEY._replace(channel=f"C{n}") for n in range(40)]
+    answered: dict[ConvKey, list[str]] = {key: [] for key in keys}
+
+    async def message(store, key, name, arrives, answering):
+        await asyncio.sleep(arrives)
+        async with store.turn(key):
+            answered[key].append(name)
+            await asyncio.sleep(answering)
+
+    await asyncio.gather(*(message(a, key, "first", 0, 1.2) for key in keys),
+                         *(message(a, key, "second", 0.3, 0) for key in keys),
+                         *(message(b, key, "third", 0.6, 0) for key in keys))
+    assert [key for key, names in answered.items() if names != ["first", "second", "third"]] == []
+    assert a.conversations_in_turn == b.conversations_in_turn == 0
 
 
 HOLDER = """
@@ -202,41 +221,101 @@ async def test_a_process_killed_mid_reply_lets_the_conversation_go_on(database_u
         await store.close()
 
 
-async def test_a_turn_cancelled_while_waiting_or_answering_holds_nothing(database_url):
-    a, b = await two_stores(database_url)
+WAITER = """
+import asyncio, sys
+from bot.conversation import ConvKey
+from bot.history_pg import PostgresHistoryStore
+
+async def wait(url):
+    store = await PostgresHistoryStore.open(url)
+    asyncio.ensure_future(store.turn(ConvKey("slack", "T1", "C1", "1700000000.000100")).__aenter__())
+    await asyncio.sleep(0.5)  # its ticket is taken by now: it waits behind the holder
+    print("waiting", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(wait(sys.argv[1]))
+"""
+
+
+async def test_a_process_killed_while_its_message_waits_does_not_stall_the_messages_after_it(stores, database_url):
+    a, b = stores
+    release = asyncio.Event()
+
+    async def hold():
+        async with a.turn(KEY):
+            await release.wait()
+
+    async def later():
+        async with b.turn(KEY):
+            return "answered"
+
+    holding = asyncio.ensure_future(hold())
+    await asyncio.sleep(0.2)
+    waiter = await asyncio.create_subprocess_exec(sys.executable, "-c", WAITER, database_url,
+                                                  stdout=asyncio.subprocess.PIPE)
     try:
-        async def hold(store, seconds):
-            async with store.turn(KEY):
-                await asyncio.sleep(seconds)
-
-        holding = asyncio.ensure_future(hold(a, 60))
-        await asyncio.sleep(0.1)
-        waiting = asyncio.ensure_future(hold(b, 0))
-        await asyncio.sleep(0.1)
-        waiting.cancel()  # gave up waiting (a client went away)
-        holding.cancel()  # cancelled mid-reply
-        await asyncio.gather(holding, waiting, return_exceptions=True)
-
-        await asyncio.wait_for(asyncio.gather(hold(b, 0), hold(a, 0)), 5)
+        assert await asyncio.wait_for(waiter.stdout.readline(), 30) == b"waiting\n"
+        answering = asyncio.ensure_future(later())  # its ticket comes after the waiting process's
+        await asyncio.sleep(0.3)
+        waiter.kill()
+        await waiter.wait()
+        release.set()
+        await holding
+        assert await asyncio.wait_for(answering, 5) == "answered"  # the dead process's ticket was skipped
     finally:
-        await a.close()
-        await b.close()
+        if waiter.returncode is None:
+            waiter.kill()
+            await waiter.wait()
+
+
+async def test_an_uncontended_reply_costs_three_round_trips(tmp_path, openai_server, database_url, monkeypatch):
+    """Start of the turn with everything the reply reads, the user's turn, the reply's turn with the end."""
+    settings = make_settings(tmp_path, openai_server, database_url, PERSONABOT_DAILY_TOKEN_BUDGET=10**9)
+    engine = await Engine.create(settings, knowledge=False)
+    sent: list[str] = []
+    execute = asyncpg.connection.Connection._execute
+
+    async def counted(self, query, *args, **kwargs):
+        sent.append(query)
+        return await execute(self, query, *args, **kwargs)
+
+    try:
+        await answer(engine, KEY, "warm up the connections and the persona files")
+        monkeypatch.setattr(asyncpg.connection.Connection, "_execute", counted)
+        await answer(engine, KEY, "and now?")
+    finally:
+        await engine.close()
+    assert len(sent) == 3, sent
+
+
+async def test_a_turn_cancelled_while_waiting_or_answering_holds_nothing(stores):
+    a, b = stores
+
+    async def hold(store, seconds):
+        async with store.turn(KEY):
+            await asyncio.sleep(seconds)
+
+    holding = asyncio.ensure_future(hold(a, 60))
+    await asyncio.sleep(0.1)
+    waiting = asyncio.ensure_future(hold(b, 0))
+    await asyncio.sleep(0.1)
+    waiting.cancel()  # gave up waiting (a client went away)
+    holding.cancel()  # cancelled mid-reply
+    await asyncio.gather(holding, waiting, return_exceptions=True)
+
+    await asyncio.wait_for(asyncio.gather(hold(b, 0), hold(a, 0)), 5)
 
 
 # -- shared state ------------------------------------------------------------------------------------------
 
 
-async def test_a_budget_spent_through_one_store_counts_in_another(database_url):
-    a, b = await two_stores(database_url)
-    try:
-        assert await b.tokens_today(KEY) == 0
-        await a.append(KEY, "assistant", "costly", prompt_tokens=900, completion_tokens=100)
-        await a.append(KEY._replace(thread=""), "assistant", "also", prompt_tokens=5, completion_tokens=5)
+async def test_a_budget_spent_through_one_store_counts_in_another(stores):
+    a, b = stores
+    assert await b.tokens_today(KEY) == 0
+    await a.append(KEY, "assistant", "costly", prompt_tokens=900, completion_tokens=100)
+    await a.append(KEY._replace(thread=""), "assistant", "also", prompt_tokens=5, completion_tokens=5)
 
-        assert await b.tokens_today(KEY) == 1010
-    finally:
-        await a.close()
-        await b.close()
+    assert await b.tokens_today(KEY) == 1010
 
 
 async def test_an_engine_refuses_once_another_engine_spent_the_budget(tmp_path, openai_server, database_url):
@@ -254,8 +333,8 @@ async def test_an_engine_refuses_once_another_engine_spent_the_budget(tmp_path, 
         await second.close()
 
 
-async def test_a_replayed_request_has_exactly_one_winner_across_stores(database_url):
-    a, b = await two_stores(database_url)
+async def test_a_replayed_request_has_exactly_one_winner_across_stores(stores):
+    a, b = stores
     guards = [ReplayGuard(store=a), ReplayGuard(store=b)]
     timestamp = int(time.time())
     try:
@@ -266,8 +345,6 @@ async def test_a_replayed_request_has_exactly_one_winner_across_stores(database_
     finally:
         for guard in guards:
             await guard.close()
-        await a.close()
-        await b.close()
 
 
 async def test_a_persona_saved_in_one_process_is_used_by_another_on_its_next_message(tmp_path, openai_server,
@@ -289,18 +366,14 @@ async def test_a_persona_saved_in_one_process_is_used_by_another_on_its_next_mes
         await there.close()
 
 
-async def test_a_channel_reset_in_one_process_starts_afresh_in_the_other(database_url):
-    a, b = await two_stores(database_url)
-    try:
-        await a.append(KEY, "user", "old")
-        assert [m["content"] for m in await b.window(KEY, 1000)] == ["old"]
-        await b.reset_channel(KEY)
-        await b.set_persona(KEY, "comic")
+async def test_a_channel_reset_in_one_process_starts_afresh_in_the_other(stores):
+    a, b = stores
+    await a.append(KEY, "user", "old")
+    assert [m["content"] for m in await b.window(KEY, 1000)] == ["old"]
+    await b.reset_channel(KEY)
+    await b.set_persona(KEY, "comic")
 
-        assert await a.window(KEY, 1000) == [] and await a.get_persona(KEY) == "comic"
-    finally:
-        await a.close()
-        await b.close()
+    assert await a.window(KEY, 1000) == [] and await a.get_persona(KEY) == "comic"
 
 
 async def test_a_slash_command_replayed_to_another_process_runs_once(tmp_path, settings, openai_server, api,
@@ -308,21 +381,15 @@ async def test_a_slash_command_replayed_to_another_process_runs_once(tmp_path, s
     """Two engines and two HTTP servers on one database stand in for two processes behind a load balancer."""
     config = slack_settings(tmp_path, PERSONAS, openai_server.base_url, api, DATABASE_URL=database_url)
     engines = [await Engine.create(config, knowledge=False) for _ in range(2)]
-    runners = [web.AppRunner(create_web_app(create_slack_app(engine, config))) for engine in engines]
     try:
-        async with aiohttp.ClientSession() as session:
-            servers = []
-            for runner in runners:
-                await runner.setup()
-                await web.TCPSite(runner, "127.0.0.1", 0).start()
-                servers.append(SlackApp(f"http://127.0.0.1:{runner.addresses[0][1]}/slack/events", session))
+        async with served(engines[0], config) as one, served(engines[1], config) as other, \
+                aiohttp.ClientSession() as session:
+            servers = [SlackApp(f"{url}/slack/events", session) for url in (one, other)]
             body = servers[0].command_body("/ask", "spend my tokens", response_url=api.response_url("ask"))
             timestamp = int(time.time())
             statuses = [(await server.post(body, FORM, timestamp=timestamp)).status for server in servers]
             await api.wait_for(lambda: api.responses("ask"))
     finally:
-        for runner in runners:
-            await runner.cleanup()
         for engine in engines:
             await engine.close()
 
@@ -330,23 +397,19 @@ async def test_a_slash_command_replayed_to_another_process_runs_once(tmp_path, s
     assert [r["messages"][-1]["content"] for r in openai_server.requests] == ["spend my tokens"]
 
 
-async def test_a_slack_install_saved_through_one_store_authorizes_in_another(database_url):
+async def test_a_slack_install_saved_through_one_store_authorizes_in_another(stores):
     from slack_sdk.oauth.installation_store import Installation
 
     from bot.platforms.slack_installs import SlackInstallations, SlackOAuthStates
 
-    a, b = await two_stores(database_url)
-    try:
-        await SlackInstallations(a).async_save(Installation(
-            app_id="A1", team_id="T9", user_id="U1", bot_token="xoxb-secret", bot_id="B1", bot_user_id="UB1",
-            bot_scopes=["chat:write"], installed_at=time.time()))
-        state = await SlackOAuthStates(a).async_issue()
+    a, b = stores
+    await SlackInstallations(a).async_save(Installation(
+        app_id="A1", team_id="T9", user_id="U1", bot_token="xoxb-secret", bot_id="B1", bot_user_id="UB1",
+        bot_scopes=["chat:write"], installed_at=time.time()))
+    state = await SlackOAuthStates(a).async_issue()
 
-        found = await SlackInstallations(b).async_find_bot(enterprise_id=None, team_id="T9")
-        consumed = await asyncio.gather(SlackOAuthStates(a).async_consume(state),
-                                        SlackOAuthStates(b).async_consume(state))
-        assert found is not None and found.bot_token == "xoxb-secret"
-        assert sorted(consumed) == [False, True]
-    finally:
-        await a.close()
-        await b.close()
+    found = await SlackInstallations(b).async_find_bot(enterprise_id=None, team_id="T9")
+    consumed = await asyncio.gather(SlackOAuthStates(a).async_consume(state),
+                                    SlackOAuthStates(b).async_consume(state))
+    assert found is not None and found.bot_token == "xoxb-secret"
+    assert sorted(consumed) == [False, True]

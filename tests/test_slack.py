@@ -13,17 +13,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
 
 from bot.config import Settings
 from bot.conversation import ConvKey
 from bot.engine import Engine
 from bot.platforms.slack_bot import SlackBot
-from bot.platforms.slack_http import SlackConfigError, create_slack_app, create_web_app, run_slack
+from bot.platforms.slack_http import SlackConfigError, create_slack_app, run_slack
 from bot.platforms.slack_format import MESSAGE_LIMIT, safe_to_send, to_mrkdwn
 from bot.render import open_fence
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
-from slack_api import APP_TOKEN, BOT_USER, TEAM, FakeSlackApi, SlackApp, sign, slack_settings
+from slack_api import APP_TOKEN, BOT_USER, TEAM, FakeSlackApi, SlackApp, served, sign, slack_settings
 
 ADMIN = "UADMIN"
 
@@ -47,9 +46,8 @@ class Rig:
 
 @pytest.fixture
 async def api():
-    api = await FakeSlackApi(admins={ADMIN}).start()
-    yield api
-    await api.close()
+    async with FakeSlackApi(admins={ADMIN}) as api:
+        yield api
 
 
 @pytest.fixture
@@ -69,13 +67,8 @@ async def engine(config):
 
 @pytest.fixture
 async def rig(config, engine, api, openai_server):
-    runner = web.AppRunner(create_web_app(create_slack_app(engine, config)))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    async with aiohttp.ClientSession() as session:
+    async with served(engine, config) as url, aiohttp.ClientSession() as session:
         yield Rig(SlackApp(f"{url}/slack/events", session), api, openai_server, engine, url)
-    await runner.cleanup()
 
 
 def mention(text: str, ts: str, *, channel: str = "C1", user: str = "U1", thread_ts: str | None = None) -> dict:

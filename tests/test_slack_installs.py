@@ -17,15 +17,14 @@ from urllib.parse import parse_qs, urlparse
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from bot import logs
 from bot.config import Settings
 from bot.engine import Engine
-from bot.platforms.slack_http import create_slack_app, create_web_app
+from bot.platforms.slack_http import create_slack_app
 from bot.platforms.slack_installs import SlackInstallations, SlackOAuthStates, manifest_scopes
 from openai_server import OpenAIServer, openai_server  # noqa: F401  (fixture)
-from slack_api import BOT_USER, CLIENT_ID, CLIENT_SECRET, FakeSlackApi, SlackApp, slack_settings
+from slack_api import BOT_USER, CLIENT_ID, CLIENT_SECRET, FakeSlackApi, SlackApp, served, slack_settings
 
 T1, T2 = "T1", "T2"
 ADMIN1, ADMIN2 = "UADMIN1", "UADMIN2"
@@ -46,9 +45,8 @@ class Rig:
 
 @pytest.fixture
 async def api():
-    api = await FakeSlackApi(admins={ADMIN1, ADMIN2}).start()
-    yield api
-    await api.close()
+    async with FakeSlackApi(admins={ADMIN1, ADMIN2}) as api:
+        yield api
 
 
 @pytest.fixture
@@ -61,16 +59,11 @@ def config(tmp_path, settings, openai_server, api, store_url) -> Settings:  # `s
 
 async def serve(config: Settings, api: FakeSlackApi, model: OpenAIServer):
     engine = await Engine.create(config, knowledge=False)
-    runner = web.AppRunner(create_web_app(create_slack_app(engine, config)))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    api.redirect_url = f"{url}/slack/oauth_redirect"  # the Redirect URL the app's settings would list
     try:
-        async with aiohttp.ClientSession() as session:
+        async with served(engine, config) as url, aiohttp.ClientSession() as session:
+            api.redirect_url = f"{url}/slack/oauth_redirect"  # the Redirect URL the app's settings would list
             yield Rig(SlackApp(f"{url}/slack/events", session), api, model, engine, url, session)
     finally:
-        await runner.cleanup()
         await engine.close()
 
 

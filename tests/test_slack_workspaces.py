@@ -12,14 +12,12 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from bot.config import Settings
 from bot.conversation import ConvKey
 from bot.engine import Engine
-from bot.platforms.slack_http import create_slack_app, create_web_app
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
-from slack_api import BOT_USER, FakeSlackApi, SlackApp, sign, slack_settings
+from slack_api import BOT_USER, FakeSlackApi, SlackApp, served, sign, slack_settings
 
 T1, T2 = "T1", "T2"
 ADMIN1, ADMIN2 = "UADMIN1", "UADMIN2"  # T1's admin, T2's admin
@@ -47,9 +45,8 @@ class Rig:
 
 @pytest.fixture
 async def api():
-    api = await FakeSlackApi(admins={ADMIN1, ADMIN2}).start()
-    yield api
-    await api.close()
+    async with FakeSlackApi(admins={ADMIN1, ADMIN2}) as api:
+        yield api
 
 
 @pytest.fixture
@@ -60,15 +57,10 @@ def config(tmp_path, settings, openai_server, api) -> Settings:  # `settings` cl
 
 
 async def serve(engine: Engine, config: Settings, api: FakeSlackApi, model: OpenAIServer):
-    runner = web.AppRunner(create_web_app(create_slack_app(engine, config)))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        async with aiohttp.ClientSession() as session:
+        async with served(engine, config) as url, aiohttp.ClientSession() as session:
             yield Rig(SlackApp(f"{url}/slack/events", session), api, model, engine, config)
     finally:
-        await runner.cleanup()
         await engine.close()
 
 

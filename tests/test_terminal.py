@@ -92,3 +92,54 @@ async def test_sigterm_stops_chat_cleanly_with_the_conversation_saved(tmp_path, 
     with sqlite3.connect(tmp_path / "data" / "personabot.sqlite3") as db:
         assert db.execute("SELECT role, content FROM messages ORDER BY id").fetchall() == [
             ("user", "still there?"), ("assistant", "echo: still there?")]
+
+
+def png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(out, "PNG")
+    return out.getvalue()
+
+
+async def test_chat_line_ending_in_at_paths_attaches_those_files(tmp_path, openai_server):
+    (tmp_path / "cat.png").write_bytes(png_bytes())
+    (tmp_path / "notes.md").write_text("The cat is called Bayes.")
+
+    code, out, err = await run_chat(tmp_path, openai_server, "who is this? @cat.png @notes.md\n")
+
+    assert code == 0, err
+    text, image = openai_server.last["messages"][-1]["content"]  # the default persona's model sees images
+    assert text["text"] == ("who is this?\n\n[image: cat.png (image/png, 1 KB)]\n\n"
+                            "notes.md:\n```\nThe cat is called Bayes.\n```")
+    assert image["image_url"]["url"].startswith("data:image/png;base64,")
+    with sqlite3.connect(tmp_path / "data" / "personabot.sqlite3") as db:
+        stored = db.execute("SELECT content FROM messages WHERE role = 'user'").fetchone()[0]
+    assert stored == text["text"]  # history keeps the reference line, not the image
+
+
+async def test_chat_line_attaching_a_missing_file_says_so_and_sends_nothing(tmp_path, openai_server):
+    code, out, err = await run_chat(tmp_path, openai_server, "what does it say? @nope.md\nthanks @alice\n")
+
+    assert code == 0, err
+    assert out.splitlines() == ["No file at nope.md.", "Nothing was sent.", "echo: thanks @alice"]
+    assert len(openai_server.requests) == 1
+
+
+async def test_chat_attachment_is_refused_by_the_same_rules_as_on_discord(tmp_path, openai_server):
+    (tmp_path / "fake.png").write_bytes(b"MZ\x90\x00 not a picture at all")
+
+    code, out, err = await run_chat(tmp_path, openai_server, "look @fake.png\n")
+
+    assert code == 0, err
+    assert out.splitlines()[0] == ("_(I left out fake.png: it isn't a PNG, JPEG, GIF or WebP image (its content "
+                                   "looks like Windows Executable))_")
+
+
+async def test_help_says_how_to_attach_a_file(tmp_path, openai_server):
+    code, out, err = await run_chat(tmp_path, openai_server, "/help\n")
+
+    assert code == 0, err
+    assert "@chart.png" in out and "/knowledge add" in out

@@ -24,7 +24,7 @@ def _setup() -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        # Only where and why: pydantic's own text repeats the input, which holds the tokens and keys.
+        # Only where and why, a line each: pydantic's own text adds error types and a docs link per error.
         lines = [f"  {'.'.join(map(str, error['loc'])) or 'settings'}: {error['msg'].removeprefix('Value error, ')}"
                  for error in exc.errors()]
         typer.echo("personabot: the settings (environment or .env) are invalid:\n" + "\n".join(lines), err=True)
@@ -127,6 +127,10 @@ async def _run_platforms(settings: Settings, *, discord: bool, slack: bool) -> N
         from bot.platforms.slack_http import run_slack
 
         tasks.append(asyncio.create_task(run_slack(engine, settings), name="slack"))
+    elif settings.public_url:  # Slack's server serves these too; without it, Discord still needs the avatars
+        from bot.platforms.slack_http import run_web
+
+        tasks.append(asyncio.create_task(run_web(settings), name="web"))
     if engine.retriever is not None:
         tasks.append(asyncio.create_task(engine.retriever.watch(stop), name="knowledge-watch"))
     try:

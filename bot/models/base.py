@@ -36,13 +36,6 @@ class Message(TypedDict):
     content: str | list[ContentPart]
 
 
-def text_of(content: str | list[ContentPart]) -> str:
-    """The words of a message's content, whatever its shape (images contribute nothing)."""
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] for part in content if part["type"] == "text")
-
-
 @dataclass(frozen=True)
 class GenParams:
     temperature: float = 0.7

@@ -10,8 +10,9 @@ read what people write; without it Discord refuses the connection, and `run_disc
 Sharding: the bot is an `AutoShardedBot`. With DISCORD_SHARD_COUNT and DISCORD_SHARD_IDS unset it asks Discord
 for the recommended shard count and runs every shard in this process; set, it runs only the shards listed, so
 several processes split them. A guild lives on exactly one shard (`(guild_id >> 22) % shard_count`) and DMs on
-shard 0, so each conversation is always served by one process, and what the bot remembers per channel (its
-webhook there, the note that it could not use one) is correct per shard without any sharing. The presence, if
+shard 0, so each conversation is always served by one process, and the webhook the bot remembers per channel is
+correct per shard without any sharing. The note that it could not use one is said once per channel for good: it
+is recorded in the database (bot/notices.py), so neither a restart nor a resharding says it again. The presence, if
 one is ever set, belongs in the constructor (`activity=`, or the `activity` property): every shard sends it in
 its IDENTIFY, also when it identifies again after a reconnect, which forgets a `change_presence` made since.
 """
@@ -26,6 +27,7 @@ from discord.ext import commands
 from bot.config import Settings
 from bot.conversation import Incoming
 from bot.engine import Engine
+from bot.notices import SaidOnce
 from bot.platforms.discord_commands import add_commands
 from bot.platforms.discord_reply import (
     DM_NOTICE, EDIT_INTERVAL, NO_WEBHOOKS_NOTICE, PersonaWebhooks, ReplyStream, conv_key, make_incoming,
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 # Gateway close codes: https://discord.com/developers/docs/topics/opcodes-and-status-codes#gateway
 INVALID_SHARD, SHARDING_REQUIRED = 4010, 4011
+# How each once-per-channel note is recorded in the database (bot/notices.py): a name, not the wording, so
+# rewording a note does not say it again everywhere.
+NOTICE_NAMES = {NO_WEBHOOKS_NOTICE: "discord-no-webhooks", DM_NOTICE: "discord-dm-identity"}
 
 
 class PersonaBot(commands.AutoShardedBot):
@@ -58,6 +63,7 @@ class PersonaBot(commands.AutoShardedBot):
         self.settings = settings
         self.edit_interval = edit_interval
         self.webhooks = PersonaWebhooks()
+        self.said_once = SaidOnce(engine.history)
         add_commands(self)
 
     @property
@@ -148,7 +154,7 @@ class PersonaBot(commands.AutoShardedBot):
             await stream.run(self.engine.reply(incoming))
             # Said in DMs and text channels; a forum's or voice channel's threads have no webhook to enable here.
             notice = DM_NOTICE if incoming.is_private else NO_WEBHOOKS_NOTICE if parent is not None else None
-            if hook is None and notice and self.webhooks.first_time_without((parent or channel).id):
+            if hook is None and notice and await self.said_once.first_time(incoming.key, NOTICE_NAMES[notice]):
                 await channel.send(notice, allowed_mentions=safe_mentions())
         except discord.HTTPException as exc:
             # Missing permissions, or the message was deleted mid-reply: nothing left to show it in.

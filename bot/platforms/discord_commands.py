@@ -217,18 +217,19 @@ def _thread_command(bot: "PersonaBot"):
 # -- Discord's own: the message menu's "Ask the persona" --------------------------------------------
 
 ASK_MENU = "Ask the persona"  # a menu item's name is fixed when it is registered, so it cannot name the persona
-NOTHING_TO_ASK = "That message has no text for me to answer."
+NOTHING_TO_ASK = "That message has no text or files for me to answer."
 
 
 def _ask_menu(bot: "PersonaBot"):
-    """Right-click → Apps → Ask the persona: `/ask` with that message's text as the question."""
+    """Right-click → Apps → Ask the persona: `/ask` with that message's text as the question and its files
+    attached, read by the same rules as a message's (bot/attachments.py)."""
 
     async def ask_about(interaction: discord.Interaction, message: discord.Message) -> None:
-        if not message.content.strip():
+        if not message.content.strip() and not message.attachments:
             await say(interaction, NOTHING_TO_ASK)
             return
         ask = commands.COMMANDS["ask"]
-        incoming = incoming_for(bot.engine, interaction)
+        incoming = make_incoming(bot.engine, interaction.user, interaction.channel, "", message.attachments)
         await render(bot, interaction, ask, commands.run(bot.engine, incoming, ask.path, {"question": message.content}))
 
     return ask_about

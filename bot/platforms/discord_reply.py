@@ -134,16 +134,15 @@ class PersonaWebhooks:
     """One webhook per text channel, made by the bot once and reused (a thread posts through its parent's).
 
     Discord allows 15 webhooks a channel and rate-limits creating them, so the bot looks for its own before
-    making one, and remembers the most recent `size` channels' (a handful of bytes each). It also remembers
-    where it already said why it could not use one, so that is said once per channel, not on every reply.
-    Both are keyed by channel id, which belongs to one guild and so to one shard: a process running several
-    shards keeps them apart, and processes running other shards never see those channels.
+    making one, and remembers the most recent `size` channels' (a handful of bytes each), keyed by channel id,
+    which belongs to one guild and so to one shard: a process running several shards keeps them apart, and
+    processes running other shards never see those channels. (Where it could not use one, the note saying so
+    is said once per channel for good, through bot/notices.py.)
     """
 
     def __init__(self, size: int = 1024):
         self.size = size
         self._hooks: OrderedDict[int, discord.Webhook] = OrderedDict()
-        self._told: OrderedDict[int, None] = OrderedDict()
         # Two first replies in one channel must not make two webhooks; other channels (thousands, across the
         # shards) must not wait for this one's lookup, so the lock is per channel, gone when nobody holds it.
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -175,13 +174,6 @@ class PersonaWebhooks:
     def forget(self, channel_id: int) -> None:
         """The webhook was deleted or the permission taken away: look again next time."""
         self._hooks.pop(channel_id, None)
-
-    def first_time_without(self, channel_id: int) -> bool:
-        """True the first time a reply in this channel goes out under the bot's own identity."""
-        if channel_id in self._told:
-            return False
-        self._remember(self._told, channel_id, None)
-        return True
 
     def _remember(self, cache: OrderedDict, key: int, value: object) -> None:
         cache[key] = value

@@ -89,13 +89,13 @@ def create_slack_app(engine: "Engine", settings: Settings) -> PersonabotApp:
         client=_web_client(settings, token=settings.slack_bot_token),
         process_before_response=False,  # ack goes back at once; the listener keeps running after it
     )
-    app.event("tokens_revoked")(_single_token_revoked)
-    app.event("app_uninstalled")(_single_token_revoked)
+    app.event("tokens_revoked")(_warn_single_token_gone)
+    app.event("app_uninstalled")(_warn_single_token_gone)
     SlackBot(engine).register(app)
     return app
 
 
-async def _single_token_revoked(event: dict, body: dict) -> None:
+async def _warn_single_token_gone(event: dict, body: dict) -> None:
     """With one SLACK_BOT_TOKEN there is nothing to remove, but the operator should hear the token died."""
     log.warning("Slack: %s for team %s; SLACK_BOT_TOKEN no longer works there", event.get("type"),
                 body.get("team_id"))
@@ -217,6 +217,24 @@ def _bearer_is(request: web.Request, token: str) -> bool:
     """Constant-time, so the token cannot be guessed a character at a time from response times."""
     given = request.headers.get("Authorization", "").encode(errors="surrogateescape")
     return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+async def run_web(settings: Settings) -> None:
+    """`GET /healthz`, `GET /metrics` and `GET /avatars/NAME` on `$PORT` without Slack, until cancelled.
+
+    `personabot run` starts this when PERSONABOT_PUBLIC_URL is set and Slack is not running (Slack's own server
+    serves the same routes): a Discord-only bot still needs somewhere Discord can fetch a persona's avatar file
+    from, since a webhook's `avatar_url` is fetched by Discord, not uploaded."""
+    runner = web.AppRunner(create_web_app(None, metrics_token=settings.metrics_token,
+                                          personas_dir=settings.personas_dir), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.bind_address, settings.port).start()
+    log.info("listening on %s port %d (GET /healthz, GET /metrics, GET /avatars/…), public address %s",
+             settings.bind_address, settings.port, settings.public_url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 async def run_slack(engine: "Engine", settings: Settings) -> None:

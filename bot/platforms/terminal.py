@@ -1,13 +1,18 @@
 """The terminal backend (errbot's text backend): the whole bot, no token, no network.
 
 Every chat command of the one command table works here, typed as a line (`/persona set comic`); a file
-argument is a path. The person at the terminal runs the bot, so they are an owner. With stdin piped it reads
-one message a line, prints each reply and exits at EOF, which makes it the simplest way to script or test
-the bot end to end.
+argument is a path. A chat line attaches files by ending with their paths, each after an `@`
+(`what is this? @chart.png @notes.md`), and they are read by the same rules as a Discord attachment or a
+Slack share (bot/attachments.py). Only trailing `@` words count, so "thanks @alice" mid-line or at the end is
+plain text unless such a file exists or the word looks like a path. The person at the terminal runs the bot,
+so they are an owner. With stdin piped it reads one message a line, prints each reply and exits at EOF,
+which makes it the simplest way to script or test the bot end to end.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import sys
 import threading
 from pathlib import Path
@@ -17,8 +22,12 @@ from bot import commands
 from bot.conversation import Attachment, ConvKey, Incoming, Role
 from bot.engine import Engine
 
-HELP = "Type a message to chat, /help for the commands, /quit to leave."
+HELP = "Type a message to chat (end it with @PATH to attach a file), /help for the commands, /quit to leave."
+ATTACH_HELP = ("Attach files to a message by ending it with their paths, each after an @: "
+               "`what is in this? @chart.png @notes.md` (quote a path with spaces: @\"my notes.md\").")
 FORM_END = "."
+# One `@PATH` at the end of a line: a quoted path, or a word.
+_TRAILING_FILE = re.compile(r"""(?:^|\s)@("[^"]+"|'[^']+'|\S+)\s*$""")
 
 
 async def chat(
@@ -60,14 +69,43 @@ async def chat(
         if text in ("/quit", "/exit"):
             break
         if text == "/help":
-            write(commands.help_text() + "\n")
+            write(commands.help_text() + "\n" + ATTACH_HELP + "\n")
             continue
         if text.startswith("/"):
             await _command(engine, incoming(""), text, lines, write)
             continue
+        words, paths = attached_paths(text)
+        if missing := [path for path in paths if not path.is_file()]:
+            write("".join(f"No file at {path}.\n" for path in missing) + "Nothing was sent.\n")
+            continue
         if interactive:
             write(f"{(await engine.active_persona(key)).name}> ")
-        await _show(engine.reply(incoming(text)), write)
+        files = tuple(map(_attachment, paths))
+        await _show(engine.reply(dataclasses.replace(incoming(words), attachments=files)), write)
+
+
+def attached_paths(line: str) -> tuple[str, list[Path]]:
+    """A chat line's words, and the paths of the files it attaches: the `@PATH`s it ends with.
+
+    A trailing `@word` counts as a path when that file exists or the word looks like one (it has a `/` or a
+    `.`), so a missing `@notes.md` is reported rather than sent as text, while "thanks @alice" stays words.
+    """
+    paths: list[Path] = []
+    while (match := _TRAILING_FILE.search(line)) is not None:
+        raw = match.group(1)
+        quoted = raw[0] in "\"'" and raw[-1] == raw[0] and len(raw) > 1
+        path = Path(raw[1:-1] if quoted else raw).expanduser()
+        if not (quoted or path.exists() or "/" in raw or "." in raw.strip(".")):
+            break
+        paths.insert(0, path)
+        line = line[:match.start()].rstrip()
+    return line, paths
+
+
+def _attachment(path: Path) -> Attachment:
+    """A file on disk as the engine takes it; the terminal declares no type, so the suffix and bytes decide.
+    Read only once the engine has accepted the file's name and size, as on the other platforms."""
+    return Attachment(path.name, path.stat().st_size, lambda: asyncio.to_thread(path.read_bytes))
 
 
 async def _command(engine: Engine, incoming: Incoming, text: str, lines: asyncio.Queue[str], write) -> None:
@@ -82,8 +120,7 @@ async def _command(engine: Engine, incoming: Incoming, text: str, lines: asyncio
             if not path.is_file():
                 write(f"No file at {path}.\n")
                 return
-            # Read only once the engine has accepted the file's name and size, as on the other platforms.
-            args[arg.name] = Attachment(path.name, path.stat().st_size, lambda p=path: asyncio.to_thread(p.read_bytes))
+            args[arg.name] = _attachment(path)
     result = await commands.run(engine, incoming, cmd.path, args)
     if isinstance(result, commands.Form):
         result = await commands.submit(engine, incoming, result.id, result.state,

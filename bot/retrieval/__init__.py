@@ -8,7 +8,8 @@ vectors (FAISS per collection) → search (dense + BM25, fused) → a grounding 
 Several processes share one index: each one's FAISS follows the store's change log; with DATABASE_URL the
 store is a replica of PostgreSQL's knowledge tables (replica.py).
 """
-from bot.retrieval.retriever import Retriever, SyncReport
+from bot.retrieval.indexing import SyncReport
+from bot.retrieval.retriever import Retriever
 from bot.retrieval.search import Grounding, Hit
 from bot.retrieval.store import FileRow
 from bot.retrieval.uploads import UploadRefused

@@ -25,15 +25,15 @@ from typing import Any, NamedTuple, TypeVar
 import asyncpg
 import numpy as np
 
-from bot.history_pg import _lock_id, migrate, redacted
+from bot.history_pg import advisory_lock_id, migrate, redacted
 from bot.retrieval.chunk import Chunk
 from bot.retrieval.store import FileEntry, Store
 
 T = TypeVar("T")
 
 CHANNEL = "personabot_knowledge"  # NOTIFY channel: some document changed
-WRITES = _lock_id("personabot", "knowledge", "writes")  # per transaction: change numbers in commit order
-TURNS = _lock_id("personabot", "knowledge", "turns")  # per job (a sync, an upload): one process indexes at a time
+WRITES = advisory_lock_id("personabot", "knowledge", "writes")  # per transaction: change numbers in commit order
+TURNS = advisory_lock_id("personabot", "knowledge", "turns")  # per job (a sync, an upload): one process indexes at a time
 PULL_DOCUMENTS = 500  # documents per pull transaction
 SHARED_META = {"config", "model"}  # how the shared index was built; the rest of meta describes the replica
 CHUNK_COLUMNS = ["id", "source", "collection", "ord", "locator", "header", "text", "tokens", "hash", "vector"]

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 RRF_K = 60
-# Weights of the dense, BM25 and exact-identifier rankings, and how many passages make a document's score:
-# chosen on the tuning halves of bench/retrieval.py's corpora (PostgreSQL and Git manuals), where BM25 alone
-# trails MiniLM by 0.2 in recall@1, so an equal vote let it push good dense hits down.
-WEIGHTS = (1.0, 0.3, 1.0)
+# Weights of the dense, BM25, exact-identifier and lead-passage rankings, and how many passages make a
+# document's score: chosen on the tuning halves of bench/retrieval.py's corpora (PostgreSQL and Git manuals),
+# where BM25 alone trails MiniLM by 0.2 in recall@1, so an equal vote let it push good dense hits down. The lead
+# ranking (each document's first passage by cosine, Store.leads) is a vote for the document as a whole: a
+# question in a user's words often matches a page's one-line summary better than any passage of its body.
+WEIGHTS = (1.0, 0.3, 1.0, 0.5)
 DOCUMENT_PASSAGES = 2
 # On bench/retrieval.py's labelled set the best MiniLM cosine in the top 5 is >= 0.43 for 95% of answerable
 # questions and <= 0.32 for 95% of off-topic ones; the bench prints both distributions.

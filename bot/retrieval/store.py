@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS given_names (    -- what an uploader called a file sa
 BUSY_SECONDS = 30.0  # how long a writer waits for another process's transaction (one document's) to end
 CHANGES_KEPT = 50_000  # log rows kept; a process further behind than that reconciles each collection instead
 LEXICAL_ROWS = 4000  # passages BM25 may rank per query; see Store._rarest
+BM25_WEIGHTS = (0.5, 1.0)  # of chunks_fts's columns: header (document title and heading path), text
 _WORD = re.compile(r"[^\W_](?:[\w.\-/:]*[^\W_])?", re.UNICODE)
 
 
@@ -179,6 +180,8 @@ class Store:
         self.follow_lock = threading.Lock()
         self._frequency: dict[str, int] = {}  # term: passages holding it, for `_rarest`
         self._frequency_of: int | None = None  # the reader's data_version those counts were taken at
+        self._leads: dict[str, tuple[list[int], np.ndarray]] = {}  # collection: its documents' first passages
+        self._leads_of: int | None = None  # the reader's data_version those were read at
 
     def close(self) -> None:
         with self.lock, self.read_lock, self.follow_lock:
@@ -368,6 +371,25 @@ class Store:
         return [r[0] for r in self.reader.execute("SELECT DISTINCT collection FROM files ORDER BY collection")]
 
     @_reading
+    def leads(self, collections: list[str]) -> tuple[list[int], np.ndarray]:
+        """(ids, vectors) of every document's first passage in these collections: a manual page's NAME line
+        ("git-stash - Stash the changes in a dirty working directory away"), a chapter's title, where a document
+        says in a line what it is about. Read once per collection and kept until the index changes."""
+        generation = self.reader.execute("PRAGMA data_version").fetchone()[0]
+        if self._leads_of != generation:
+            self._leads, self._leads_of = {}, generation
+        for collection in collections:
+            if collection not in self._leads:
+                rows = self.reader.execute(
+                    "SELECT id, vector FROM chunks WHERE collection = ? AND ord = 0", (collection,)).fetchall()
+                self._leads[collection] = ([r[0] for r in rows], np.array(
+                    [np.frombuffer(r[1], dtype=np.float32) for r in rows], dtype=np.float32).reshape(len(rows), -1))
+        parts = [self._leads[c] for c in collections if self._leads[c][0]]
+        if not parts:
+            return [], np.zeros((0, 0), np.float32)
+        return [i for ids, _ in parts for i in ids], np.concatenate([m for _, m in parts])
+
+    @_reading
     def sources(self, ids: list[int]) -> dict[int, str]:
         """The document each chunk belongs to, for ranking documents before passages."""
         out: dict[int, str] = {}
@@ -405,7 +427,7 @@ class Store:
         if collections is not None:
             sql += f" AND c.collection IN ({','.join('?' * len(collections))})"
             params += collections
-        sql += " ORDER BY bm25(chunks_fts, 0.5, 1.0) LIMIT ?"
+        sql += f" ORDER BY bm25(chunks_fts, {', '.join(map(str, BM25_WEIGHTS))}) LIMIT ?"
         return [r[0] for r in self.reader.execute(sql, [*params, limit])]
 
     def _rarest(self, terms: list[str]) -> list[str]:
