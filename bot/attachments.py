@@ -180,10 +180,11 @@ def image_type(data: bytes) -> tuple[str | None, str]:
                 return mime, ""
             return None, f" (it is {image.format})" if image.format else ""
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return None, _looks_like(data)
+        return None, looks_like(data)
 
 
-def _looks_like(data: bytes) -> str:
+def looks_like(data: bytes) -> str:
+    """Names what the bytes' magic numbers say they are, so a refusal explains itself (" (its content looks like …)")."""
     import puremagic
 
     try:

@@ -9,8 +9,7 @@ import re
 import unicodedata
 from pathlib import PurePath
 
-import puremagic
-
+from bot.attachments import looks_like
 from bot.retrieval.parse import UnsupportedDocument, format_of, parse
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
@@ -75,9 +74,9 @@ def check(filename: str, data: bytes, max_bytes: int | None = DEFAULT_MAX_BYTES)
         raise UploadRefused(f"{exc} Nothing was saved.") from None
     if kind == "pdf":
         if not data.startswith(b"%PDF-"):
-            raise UploadRefused(f"{name} is named .pdf but is not a PDF{_looks_like(data)}. Nothing was saved.")
+            raise UploadRefused(f"{name} is named .pdf but is not a PDF{looks_like(data)}. Nothing was saved.")
     elif b"\x00" in data or not _is_utf8(data):
-        raise UploadRefused(f"{name} is named {PurePath(name).suffix} but is not UTF-8 text{_looks_like(data)}; "
+        raise UploadRefused(f"{name} is named {PurePath(name).suffix} but is not UTF-8 text{looks_like(data)}; "
                             "save it as UTF-8 text and upload again. Nothing was saved.")
     try:
         doc = parse(name, data)
@@ -96,14 +95,3 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def _looks_like(data: bytes) -> str:
-    """Names what the bytes' magic numbers say they are, so the refusal explains itself."""
-    try:
-        matches = puremagic.magic_string(data[:8192])
-    except (puremagic.PureError, ValueError):
-        return ""
-    named = [m for m in matches if m.extension and m.confidence >= 0.4]
-    if not named:
-        return ""
-    match = named[0]
-    return f" (its content looks like {match.name or match.extension})"
