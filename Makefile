@@ -17,5 +17,13 @@ install: $(BIN)/personabot
 chat: install
 	$(BIN)/personabot chat
 
+# The tests that drive the bot whole (platforms, commands, engine), run a second time on PostgreSQL, so
+# neither store can fall behind; the store-level tests already run on both. Skipped where PostgreSQL is missing.
+ON_BOTH_STORES := tests/test_slack.py tests/test_slack_workspaces.py tests/test_slack_hardening.py \
+	tests/test_discord.py tests/test_discord_workspaces.py tests/test_commands_everywhere.py tests/test_images_in.py \
+	tests/test_persona_identity.py tests/test_terminal.py tests/test_workspaces.py tests/test_engine.py \
+	tests/test_knowledge_engine.py tests/test_crash.py
+
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+	PERSONABOT_TEST_STORE=postgres HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q $(ON_BOTH_STORES)

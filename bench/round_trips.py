@@ -3,7 +3,9 @@
 Two engines on one database (two processes' worth of pools), a model that answers at once, the daily budget
 on (so the spend is read), one conversation whose messages alternate between the engines, as a load balancer
 would hand them out. Each statement sent is counted and named by its first words; the prepare of a statement
-new to a connection is not (the warm-up prepares them). Printed: round trips per message, and which statements they were.
+new to a connection is not (the warm-up prepares them). Also the CPU each message costs the PostgreSQL server
+(its postmaster and the processes it started, read from /proc) and the bot,
+which a noisy machine's throughput figures cannot show. Printed: round trips per message, and which statements they were.
 
     .venv/bin/python bench/round_trips.py [--messages 40]
 """
@@ -12,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +53,20 @@ def instrument() -> None:
     asyncpg.connection.Connection.execute = counted_simple
 
 
-async def measure(url: str, messages: int, personas: Path, data: Path) -> None:
+def server_cpu(postmaster: int) -> float:
+    """CPU seconds used so far by the bench's PostgreSQL server: its postmaster and every process it started."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, fields = int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
+            if pid == postmaster or int(fields[1]) == postmaster:  # fields[1]: the parent's pid
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+async def measure(url: str, postmaster: int, messages: int, personas: Path, data: Path) -> None:
     from scale_out import SeenModels
 
     from bot.config import Settings
@@ -72,14 +89,19 @@ async def measure(url: str, messages: int, personas: Path, data: Path) -> None:
         for n in range(6):  # warm up: connections, prepared statements, persona files, caches
             await say(n, "C-warm")
         COUNTS.clear()
+        server, client, began = server_cpu(postmaster), time.process_time(), time.perf_counter()
         for n in range(messages):
             await say(n, "C1")
+        server, client = server_cpu(postmaster) - server, time.process_time() - client
+        wall = time.perf_counter() - began
     finally:
         for engine in engines:
             await engine.close()
     total = sum(count for name, count in COUNTS.items())
     print(f"{total / messages:.2f} PostgreSQL round trips per message ({messages} messages, one conversation,"
           " alternating between two engines, daily budget on)")
+    print(f"per message: {server / messages * 1000:.2f} ms PostgreSQL server CPU, {client / messages * 1000:.2f} ms"
+          f" bot CPU (both engines), {wall / messages * 1000:.2f} ms wall, one at a time")
     for name, count in COUNTS.most_common():
         print(f"  {count / messages:5.2f}  {name}")
 
@@ -104,7 +126,8 @@ def main() -> None:
             personas.mkdir()
             (personas / "bench.yaml").write_text(PERSONA)
             url = cluster.url(cluster.new_database())
-            asyncio.run(measure(url, args.messages, personas, Path(tmp) / "data"))
+            postmaster = int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
+            asyncio.run(measure(url, postmaster, args.messages, personas, Path(tmp) / "data"))
     finally:
         cluster.stop()
 

@@ -9,7 +9,9 @@ instantly and says which of the conversation's messages it was shown, so an answ
 turn of its conversation, or came before one, is counted as an ordering violation (it must be 0).
 
 Figures for 1, 2 and 4 processes on PostgreSQL (the server's defaults: every commit is flushed to disk), and
-one process on SQLite (the embedded default) with the same load, as a ratio.
+one process on SQLite (the embedded default) with the same load, as a ratio. Also the CPU each message costs
+the PostgreSQL server (its postmaster and every process it started) and the bot processes, which a busy
+machine's throughput cannot hide: on C cores, messages/s can be at most C × 1000 ÷ their sum.
 
     .venv/bin/python bench/scale_out.py [--processes 1,2,4] [--conversations 100] [--messages 20]
 """
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import re
 import statistics
 import sys
@@ -118,7 +121,21 @@ async def _serve(store: str, personas: Path, data: Path, inbox, outbox) -> None:
 # -- the balancer -------------------------------------------------------------------------------------------
 
 
-def run(store: str, processes: int, conversations: int, messages: int, personas: Path, data: Path) -> dict:
+def cpu_seconds(pids: set[int], children_of: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by `pids` and, when given, every process `children_of` started."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, fields = int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
+            if pid in pids or (children_of is not None and int(fields[1]) == children_of):
+                total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def run(store: str, processes: int, conversations: int, messages: int, personas: Path, data: Path,
+        postmaster: int | None = None) -> dict:
     """One run: start the processes (not timed), play the conversations, check every answer."""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
@@ -142,6 +159,9 @@ def run(store: str, processes: int, conversations: int, messages: int, personas:
     latencies: list[float] = []
     violations = 0
     done = 0
+    bots = {proc.pid for proc in procs}
+    server_cpu = cpu_seconds({postmaster}, postmaster) if postmaster else 0.0
+    bots_cpu = cpu_seconds(bots)
     began = time.perf_counter()
 
     def send(conversation: int, seq: int) -> None:
@@ -165,6 +185,8 @@ def run(store: str, processes: int, conversations: int, messages: int, personas:
                 violations += text != expected
                 done += 1
     elapsed = time.perf_counter() - began
+    server_cpu = (cpu_seconds({postmaster}, postmaster) - server_cpu) if postmaster else 0.0
+    bots_cpu = cpu_seconds(bots) - bots_cpu
     for to_worker, from_worker in pipes:
         to_worker.send("stop")
         assert from_worker.recv() == ("closed",)
@@ -172,6 +194,7 @@ def run(store: str, processes: int, conversations: int, messages: int, personas:
         proc.join()
     latencies.sort()
     return {"rate": done / elapsed, "p50": statistics.median(latencies) * 1000,
+            "server_cpu": server_cpu / done * 1000, "bots_cpu": bots_cpu / done * 1000,
             "p99": latencies[int(0.99 * (len(latencies) - 1))] * 1000, "violations": violations, "n": done}
 
 
@@ -189,6 +212,7 @@ def main() -> None:
 
     cluster = Cluster(bin_dir, durable=True)
     cluster.start()
+    postmaster = int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -201,15 +225,17 @@ def main() -> None:
             for n in (int(p) for p in args.processes.split(",")):
                 url = cluster.url(cluster.new_database())
                 rows.append((f"PostgreSQL, {n} process{'es' if n > 1 else ''}",
-                             run(url, n, *shape, Path(tmp) / f"pg{n}")))
+                             run(url, n, *shape, Path(tmp) / f"pg{n}", postmaster)))
     finally:
         cluster.stop()
 
     print(f"{args.conversations} conversations at once x {args.messages} messages each; "
           "each message handed to a different process than the one before it")
-    print(f"{'':<26}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'violations':>12}")
+    print(f"{'':<26}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'violations':>12}"
+          f"{'CPU ms/msg: server':>21}{'bots':>7}")
     for label, row in rows:
-        print(f"{label:<26}{row['rate']:9.0f}{row['p50']:9.1f}{row['p99']:9.1f}{row['violations']:8d} / {row['n']}")
+        print(f"{label:<26}{row['rate']:9.0f}{row['p50']:9.1f}{row['p99']:9.1f}{row['violations']:8d} / {row['n']}"
+              f"{row['server_cpu']:21.2f}{row['bots_cpu']:7.2f}")
     pg1 = next(row for label, row in rows if label == "PostgreSQL, 1 process")
     print(f"PostgreSQL ÷ SQLite, one process: {pg1['rate'] / sqlite['rate']:.2f}x messages/s")
     for label, row in rows[2:]:

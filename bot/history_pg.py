@@ -49,11 +49,13 @@ WINDOW = (f"SELECT role, content, tokens FROM messages WHERE {KEY} AND thread = 
 # -- turns: $1..$4 the conversation, $5 the ticket (taking one: this process's pid), $6 whether to read the
 # spend, $7 today (UTC), $8 the window's most turns.
 TAKE_TICKET = (
-    "WITH ticket AS (INSERT INTO turns (platform, workspace, channel, thread, issued, served)"
-    " VALUES ($1, $2, $3, $4, 1, 0) ON CONFLICT (platform, workspace, channel, thread)"
-    " DO UPDATE SET issued = turns.issued + 1 RETURNING issued, served),"
-    " holder AS (INSERT INTO turn_tickets (platform, workspace, channel, thread, ticket, pid)"
-    " SELECT $1, $2, $3, $4, issued, $5 FROM ticket),"
+    "WITH ticket AS (INSERT INTO turns (platform, workspace, channel, thread, issued, served, pid)"
+    " VALUES ($1, $2, $3, $4, 1, 0, $5) ON CONFLICT (platform, workspace, channel, thread)"
+    " DO UPDATE SET issued = turns.issued + 1, pid = excluded.pid, before_pid = turns.pid"
+    " RETURNING issued, served, before_pid),"
+    # Only a ticket that has to wait is written down (for its wake-up and in case its process dies).
+    " holder AS (INSERT INTO turn_tickets (platform, workspace, channel, thread, ticket, pid, before_pid)"
+    " SELECT $1, $2, $3, $4, issued, $5, before_pid FROM ticket WHERE served + 1 < issued),"
     # `served` as of this statement's snapshot: if it says the turn has come, everything the previous holder
     # wrote is in the snapshot too (its last write and its release commit together). `latest`: as of the row
     # lock, which may be later (a release that committed while this waited for the row): then the turn has
@@ -80,22 +82,26 @@ TURNS_CHANNEL = "personabot_turns"  # NOTIFY payload: "<conversation's lock id>:
 NOTIFY = "SELECT pg_notify($1, $2)"
 
 
-def _release(a: int) -> str:
+def _release(a: int) -> tuple[str, str]:
     """Ending a turn ($A..$A+3 the conversation, $A+4 the ticket): served only if it is still the previous
-    ticket (a holder taken for dead may have been skipped meanwhile); returns the tickets issued so far, so
-    the caller wakes the next holder only when there is one. No NOTIFY in here: a notifying commit holds
-    PostgreSQL's one notify lock through its flush to disk, which would serialise every conversation's commits."""
+    ticket (a holder taken for dead may have been skipped meanwhile). Returns the CTEs, and the columns that
+    say whom to wake: the tickets issued so far, and the process holding the next one when it is written
+    down. No NOTIFY in here: a notifying commit holds PostgreSQL's one notify lock through its flush to disk,
+    which would serialise every conversation's commits."""
     key = f"platform = ${a} AND workspace = ${a + 1} AND channel = ${a + 2} AND thread = ${a + 3}"
-    return (f"released AS (UPDATE turns SET served = ${a + 4} WHERE {key} AND served = ${a + 4} - 1"
-            f" RETURNING issued), gone AS (DELETE FROM turn_tickets WHERE {key} AND ticket = ${a + 4})")
+    return ((f"released AS (UPDATE turns SET served = ${a + 4} WHERE {key} AND served = ${a + 4} - 1"
+             f" RETURNING issued), gone AS (DELETE FROM turn_tickets WHERE {key} AND ticket = ${a + 4})"),
+            (f"(SELECT issued FROM released),"
+             f" (SELECT pid FROM turn_tickets WHERE {key} AND ticket = ${a + 4} + 1)"))
 
 
-RELEASE = f"WITH {_release(1)} SELECT issued FROM released"
-APPEND_AND_RELEASE = (f"WITH message AS ({INSERT_MESSAGE}), {_release(14)}"
-                      " SELECT id, (SELECT issued FROM released) FROM message")
-# The unserved tickets ahead, oldest first, with whether the process holding each is still connected.
+RELEASE = "WITH {} SELECT {}".format(*_release(1))
+APPEND_AND_RELEASE = "WITH message AS ({}), {} SELECT id, {} FROM message".format(INSERT_MESSAGE, *_release(14))
+# The unserved tickets ahead that had to wait, oldest first, with whether the process holding each (and the
+# one before it) is still connected.
 HOLDERS = (
-    "SELECT t.served, k.ticket, EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.pid) AS alive"
+    "SELECT t.served, k.ticket, EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.pid) AS alive,"
+    " EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.before_pid) AS before_alive"
     " FROM turns t JOIN turn_tickets k ON (k.platform, k.workspace, k.channel, k.thread)"
     " = (t.platform, t.workspace, t.channel, t.thread) AND k.ticket > t.served"
     f" WHERE t.platform = $1 AND t.workspace = $2 AND t.channel = $3 AND t.thread = $4 AND k.ticket < $5"
@@ -152,11 +158,11 @@ class _Waiter:
 class PostgresHistoryStore:
     shared = True  # other processes write the same database: nothing they change may be cached
 
-    def __init__(self, url: str, pool: asyncpg.Pool, listener: asyncpg.Connection):
+    def __init__(self, url: str, pool: asyncpg.Pool):
         self.url = url
         self._pool = pool
         # Open as long as the process: its server pid names this process's tickets, and NOTIFY wakes arrive on it.
-        self._listener = listener
+        self._listener: asyncpg.Connection
         # (conversation's lock id, ticket) -> woken when the ticket before it is served.
         self._waiting: dict[int, list[_Waiter]] = {}  # conversation's lock id -> its messages waiting here
         # Conversation -> when this process's newest message for it has its ticket (the next one asks after).
@@ -182,8 +188,8 @@ class PostgresHistoryStore:
         try:
             async with pool.acquire() as connection:
                 await migrate(connection)
-            store = cls(url, pool, await asyncpg.connect(url))
-            await store._listener.add_listener(TURNS_CHANNEL, store._woken)
+            store = cls(url, pool)
+            store._listener = await _listening(url, store._woken)
         except BaseException:
             await pool.close()
             raise
@@ -234,9 +240,10 @@ class PostgresHistoryStore:
         if ending is None or ending.released or ending.ticket is None:
             return await self._run("fetchval", INSERT_MESSAGE, *params)
         lock = advisory_lock_id(*ending.key)
-        message_id, issued = await self._run("fetchrow", APPEND_AND_RELEASE, *params, *ending.key, ending.ticket)
+        message_id, issued, next_pid = await self._run("fetchrow", APPEND_AND_RELEASE, *params, *ending.key,
+                                                       ending.ticket)
         ending.released = True  # only once committed: a failed write leaves the turn to end with its `async with`
-        self._served(lock, ending.ticket, issued)
+        self._served(lock, ending.ticket, issued, next_pid)
         return message_id
 
     async def window(self, key: ConvKey, budget_tokens: int,
@@ -372,11 +379,17 @@ class PostgresHistoryStore:
     async def _skip_dead(self, key: ConvKey, lock: int, ticket: int) -> None:
         """Serves the tickets ahead of `ticket` whose processes are gone, up to the first live one."""
         rows = await self._run("fetch", HOLDERS, *key, ticket)
+        if not rows:
+            return
+        written = {row["ticket"]: row for row in rows}
         dead = None
-        for row in rows:
-            if row["alive"]:
+        for ahead in range(rows[0]["served"] + 1, ticket):
+            # A ticket that did not wait is named only by the one after it (which did).
+            alive = written[ahead]["alive"] if ahead in written else (
+                written[ahead + 1]["before_alive"] if ahead + 1 in written else True)
+            if alive:
                 break
-            dead = row["ticket"]
+            dead = ahead
         if dead is not None:
             log.warning("skipping turns of a process that is gone", extra={"key": str(key)})
             await self._run("execute", SKIP, *key, rows[0]["served"], dead, TURNS_CHANNEL, f"{lock}:{dead}")
@@ -397,7 +410,7 @@ class PostgresHistoryStore:
         """Serves `ticket`. While that fails (the server restarting, say) it is tried again every POLL seconds
         in the background: the others take this process for dead only once it is, and wait for it till then."""
         try:
-            self._served(lock, ticket, await self._run("fetchval", RELEASE, *key, ticket))
+            self._served(lock, ticket, *await self._run("fetchrow", RELEASE, *key, ticket))
             return
         except (OSError, HistoryError, asyncpg.InterfaceError) as exc:
             if self._closing:  # its listening connection closes with it: the others skip the ticket
@@ -414,12 +427,17 @@ class PostgresHistoryStore:
 
         self._background(retry())
 
-    def _served(self, lock: int, ticket: int, issued: int | None) -> None:
-        """After `ticket` was served: wake the next ticket's holder, here directly, elsewhere by NOTIFY (sent
-        in a transaction of its own, without waiting for it)."""
-        if issued is None or issued <= ticket or self._wake(lock, ticket):
+    def _served(self, lock: int, ticket: int, issued: int | None, next_pid: int | None) -> None:
+        """After `ticket` was served: wake the next ticket's holder, here directly, in another process by a
+        NOTIFY to that process alone (sent in a transaction of its own, without waiting for it); to every
+        process when the next ticket was taken too late for the release to see whose it is."""
+        if issued is None or issued <= ticket:
             return
-        task = asyncio.ensure_future(self._run("execute", NOTIFY, TURNS_CHANNEL, f"{lock}:{ticket}"))
+        if next_pid == self._listener.get_server_pid() and not self._listener.is_closed():
+            self._wake(lock, ticket)
+            return
+        channel = _own_channel(next_pid) if next_pid is not None else TURNS_CHANNEL
+        task = asyncio.ensure_future(self._run("execute", NOTIFY, channel, f"{lock}:{ticket}"))
         self._notifying.add(task)
         task.add_done_callback(self._notified)
 
@@ -452,8 +470,7 @@ class PostgresHistoryStore:
         """The server pid of the connection this process listens on; reopened if it was lost (tickets taken
         under the old one then read as dead to the others, who skip them)."""
         if self._listener.is_closed():
-            self._listener = await asyncpg.connect(self.url)
-            await self._listener.add_listener(TURNS_CHANNEL, self._woken)
+            self._listener = await _listening(self.url, self._woken)
         return self._listener.get_server_pid()
 
     # -- channels ------------------------------------------------------------------------------------
@@ -563,6 +580,19 @@ class PostgresHistoryStore:
                 turns.append({"role": role, "content": content})
             if answered := answered_turns(turns):
                 yield {"messages": answered}
+
+
+def _own_channel(pid: int) -> str:
+    """The channel only the process whose listening connection has server pid `pid` listens on."""
+    return f"{TURNS_CHANNEL}_{pid}"
+
+
+async def _listening(url: str, woken: Callable) -> asyncpg.Connection:
+    """A connection listening for wake-ups: those for every process, and those for this one alone."""
+    connection = await asyncpg.connect(url)
+    for channel in (TURNS_CHANNEL, _own_channel(connection.get_server_pid())):
+        await connection.add_listener(channel, woken)
+    return connection
 
 
 async def migrate(connection: asyncpg.Connection) -> int:

@@ -365,12 +365,15 @@ def m008_turn_tickets(db: sqlite3.Connection) -> None:
             thread TEXT NOT NULL DEFAULT '',
             issued INTEGER NOT NULL,
             served INTEGER NOT NULL,
+            pid INTEGER NOT NULL,
+            before_pid INTEGER,
             PRIMARY KEY (platform, workspace, channel, thread)
         ) WITHOUT ROWID
         """
     )
-    # Tickets not yet served, and the server pid of the connection their process listens on: a ticket whose
-    # process is gone (its connections closed) is skipped, so a crash never stalls a conversation.
+    # The tickets that had to wait, with the server pid of the connection their process listens on (`turns.pid`
+    # is the newest ticket's) and of the ticket before theirs: a ticket whose process is gone (its connections
+    # closed) is skipped, so a crash never stalls a conversation. A message that needs no wait writes no row.
     db.execute(
         """
         CREATE TABLE turn_tickets (
@@ -380,6 +383,7 @@ def m008_turn_tickets(db: sqlite3.Connection) -> None:
             thread TEXT NOT NULL DEFAULT '',
             ticket INTEGER NOT NULL,
             pid INTEGER NOT NULL,
+            before_pid INTEGER,
             PRIMARY KEY (platform, workspace, channel, thread, ticket)
         ) WITHOUT ROWID
         """

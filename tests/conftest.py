@@ -7,18 +7,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bot.config import Settings
-from postgres_server import database_url, postgres_cluster, store_url  # noqa: F401  (fixtures)
+from postgres_server import ON_POSTGRES, database_url, postgres_cluster, store_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def settings(tmp_path, monkeypatch):
+def settings(request, tmp_path, monkeypatch):
     """Settings isolated in a temporary data dir, with the shipped personas and nothing from the host's env."""
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET",
                  "SLACK_APP_TOKEN", "SLACK_CLIENT_ID", "SLACK_CLIENT_SECRET", "PERSONABOT_ADMINS",
                  "PERSONABOT_BACKEND", "DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return Settings(_env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge")
+    url = request.getfixturevalue("database_url") if ON_POSTGRES else None
+    if url:
+        monkeypatch.setenv("DATABASE_URL", url)
+    return Settings(_env_file=None, PERSONABOT_DATA_DIR=tmp_path / "data", PERSONABOT_KNOWLEDGE_DIR=tmp_path / "knowledge",
+                    DATABASE_URL=url)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,13 @@ from pathlib import Path
 import pytest
 
 
+# `PERSONABOT_TEST_STORE=postgres` runs every test that takes the `settings` fixture on a fresh PostgreSQL
+# database instead of the SQLite file, CLI subprocesses included: `make test` runs the platform tests a second
+# time that way, so no part of the bot can come to depend on one store.
+ON_POSTGRES = os.environ.get("PERSONABOT_TEST_STORE") == "postgres"
+SQLITE_ONLY = pytest.mark.skipif(ON_POSTGRES, reason="exercises the SQLite file itself")
+
+
 def binaries() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
     initdb = found[-1] if found else shutil.which("initdb")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import sqlite3
 
 import aiohttp
 import discord
@@ -94,9 +93,8 @@ async def ask(engine_: Engine, text: str, *files: Attachment) -> str:
     return "".join([piece async for piece in engine_.reply(incoming)])
 
 
-def stored_turns(engine_: Engine) -> list[tuple[str, str]]:
-    with sqlite3.connect(engine_.settings.db_path) as db:
-        return db.execute("SELECT role, content FROM messages ORDER BY id").fetchall()
+async def stored_turns(engine_: Engine) -> list[tuple[str, str]]:
+    return [tuple(row) for row in await engine_.history.fetch("SELECT role, content FROM messages ORDER BY id")]
 
 
 # -- which models see images -------------------------------------------------------------------------
@@ -212,7 +210,7 @@ async def test_a_message_of_nothing_readable_asks_the_model_nothing(make_engine,
     reply = await ask(engine_, "", attached("cat.png", png(), "image/png"))
 
     assert reply == UNSEEN
-    assert openai_server.requests == [] and stored_turns(engine_) == []
+    assert openai_server.requests == [] and await stored_turns(engine_) == []
 
 
 # -- text files ----------------------------------------------------------------------------------------
@@ -245,7 +243,7 @@ async def test_history_keeps_the_reference_and_later_turns_resend_no_image(make_
     await ask(engine_, "what is this?", attached("cat.png", picture, "image/png"))
     await ask(engine_, "and what colour was it?")
 
-    user_rows = [content for role, content in stored_turns(engine_) if role == "user"]
+    user_rows = [content for role, content in await stored_turns(engine_) if role == "user"]
     assert user_rows == ["what is this?\n\n[image: cat.png (image/png, 12 KB)]", "and what colour was it?"]
     assert image_parts(openai_server.last) == []
     earlier = [m["content"] for m in openai_server.last["messages"] if m["role"] == "user"]

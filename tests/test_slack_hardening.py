@@ -25,6 +25,7 @@ from bot.platforms.slack_http import create_slack_app, create_web_app, run_slack
 from bot.platforms.slack_replay import ReplayGuard
 from bot.platforms.slack_reply import ChannelPacer, ThreadReply
 from openai_server import Reply, openai_server  # noqa: F401  (fixture)
+from postgres_server import SQLITE_ONLY
 from slack_api import BOT_TOKEN, BOT_USER, TEAM, SlackApp, sign
 from test_slack import api, config, engine, rig  # noqa: F401  (fixtures)
 from test_slack import ADMIN, free_port, mention, stream_finished, wait_until_serving
@@ -65,9 +66,9 @@ async def test_form_submission_sent_again_saves_once(rig):
     await rig.api.wait_for(lambda: rig.api.calls_to("chat.postEphemeral"))
 
     assert (first.status, again.status) == (200, 401)
-    with sqlite3.connect(rig.engine.settings.db_path) as db:
-        assert db.execute("SELECT count(*) FROM audit WHERE action = 'create_persona'").fetchone()[0] == 1
-        assert db.execute("SELECT count(*) FROM personas WHERE name = 'parrot'").fetchone()[0] == 1
+    fetch = rig.engine.history.fetch
+    assert await fetch("SELECT count(*) FROM audit WHERE action = 'create_persona'") == [(1,)]
+    assert await fetch("SELECT count(*) FROM personas WHERE name = 'parrot'") == [(1,)]
 
 
 async def test_event_replayed_to_another_process_is_acknowledged_and_not_answered(rig, config, engine):
@@ -110,6 +111,7 @@ print(asyncio.run(claim(path, int(timestamp), int(keys))))
 """
 
 
+@SQLITE_ONLY  # tests/test_postgres.py races PostgreSQL's guard
 async def test_three_processes_racing_on_the_same_requests_let_each_through_once(engine):
     keys = 2_000
     args = ("-c", RACER, str(engine.settings.db_path), str(int(time.time())), str(keys), str(time.time() + 1))
@@ -120,6 +122,7 @@ async def test_three_processes_racing_on_the_same_requests_let_each_through_once
     assert sum(claimed) == keys, claimed
 
 
+@SQLITE_ONLY
 async def test_requests_older_than_the_window_are_forgotten(engine):
     now = [1_000_000.0]
     guard = ReplayGuard(engine.settings.db_path, clock=lambda: now[0])

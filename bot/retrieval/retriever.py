@@ -153,7 +153,7 @@ class Retriever:
         exact = self.store.lexical(" ".join(codes), wanted, pool, every=True) if codes and mode == "hybrid" else []
         rankings = [[i for i, _ in dense], lexical, exact]
         if mode == "hybrid" and self.fusion == "documents":
-            rankings.append(self._leads(wanted, vector, pool))
+            rankings.append(self._leads(wanted, vector, pool) if ranking.WEIGHTS[3] else [])
             sources = self.store.sources(list({i for r in rankings for i in r}))
             fused = ranking.fuse_by_document(rankings, sources, list(ranking.WEIGHTS))
             if self.reranker is not None:
