@@ -5,7 +5,8 @@ on (so the spend is read), one conversation whose messages alternate between the
 would hand them out. Each statement sent is counted and named by its first words; the prepare of a statement
 new to a connection is not (the warm-up prepares them). Also the CPU each message costs the PostgreSQL server
 (its postmaster and the processes it started, read from /proc) and the bot,
-which a noisy machine's throughput figures cannot show. Printed: round trips per message, and which statements they were.
+which a noisy machine's throughput figures cannot show. Then the same with every message arriving while the
+one before it is being answered in the other engine (bench/scale_out.py's load), so each waits for its turn. Printed: round trips per message, and which statements they were.
 
     .venv/bin/python bench/round_trips.py [--messages 40]
 """
@@ -80,10 +81,11 @@ async def measure(url: str, postmaster: int, messages: int, personas: Path, data
     engines = [Engine(settings, PersonaLibrary(personas), await open_history(settings), SeenModels())
                for _ in range(2)]
 
-    async def say(n: int, channel: str) -> None:
+    async def say(n: int, channel: str, began: asyncio.Event | None = None) -> None:
         incoming = Incoming(ConvKey("slack", "T1", channel), "u1", f"m{n}", user_name="u1")
         async for _ in engines[n % 2].reply(incoming):
-            pass
+            if began is not None:
+                began.set()
 
     try:
         for n in range(6):  # warm up: connections, prepared statements, persona files, caches
@@ -94,15 +96,29 @@ async def measure(url: str, postmaster: int, messages: int, personas: Path, data
             await say(n, "C1")
         server, client = server_cpu(postmaster) - server, time.process_time() - client
         wall = time.perf_counter() - began
+        alone = dict(COUNTS)
+        COUNTS.clear()
+        # As bench/scale_out.py's balancer does: the next message arrives as soon as this one's answer began,
+        # so it always finds the conversation busy in the other engine and waits for its turn.
+        replies = []
+        for n in range(messages):
+            began_answering = asyncio.Event()
+            replies.append(asyncio.ensure_future(say(n, "C2", began_answering)))
+            await began_answering.wait()
+        await asyncio.gather(*replies)
+        waiting = dict(COUNTS)
     finally:
         for engine in engines:
             await engine.close()
-    total = sum(count for name, count in COUNTS.items())
-    print(f"{total / messages:.2f} PostgreSQL round trips per message ({messages} messages, one conversation,"
-          " alternating between two engines, daily budget on)")
+    print(f"{sum(alone.values()) / messages:.2f} PostgreSQL round trips per message ({messages} messages, one"
+          " conversation, alternating between two engines, daily budget on), one message at a time")
     print(f"per message: {server / messages * 1000:.2f} ms PostgreSQL server CPU, {client / messages * 1000:.2f} ms"
-          f" bot CPU (both engines), {wall / messages * 1000:.2f} ms wall, one at a time")
-    for name, count in COUNTS.most_common():
+          f" bot CPU (both engines), {wall / messages * 1000:.2f} ms wall")
+    for name, count in sorted(alone.items(), key=lambda item: -item[1]):
+        print(f"  {count / messages:5.2f}  {name}")
+    print(f"{sum(waiting.values()) / messages:.2f} round trips per message when each arrives while the one"
+          " before it is being answered in the other engine")
+    for name, count in sorted(waiting.items(), key=lambda item: -item[1]):
         print(f"  {count / messages:5.2f}  {name}")
 
 

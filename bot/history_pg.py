@@ -97,14 +97,14 @@ def _release(a: int) -> tuple[str, str]:
 
 RELEASE = "WITH {} SELECT {}".format(*_release(1))
 APPEND_AND_RELEASE = "WITH message AS ({}), {} SELECT id, {} FROM message".format(INSERT_MESSAGE, *_release(14))
-# The unserved tickets ahead that had to wait, oldest first, with whether the process holding each (and the
-# one before it) is still connected.
+# The unserved tickets that had to wait, up to the asker's own, oldest first, with whether the process holding
+# each (and the one before it) is still connected.
 HOLDERS = (
     "SELECT t.served, k.ticket, EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.pid) AS alive,"
     " EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.before_pid) AS before_alive"
     " FROM turns t JOIN turn_tickets k ON (k.platform, k.workspace, k.channel, k.thread)"
     " = (t.platform, t.workspace, t.channel, t.thread) AND k.ticket > t.served"
-    f" WHERE t.platform = $1 AND t.workspace = $2 AND t.channel = $3 AND t.thread = $4 AND k.ticket < $5"
+    f" WHERE t.platform = $1 AND t.workspace = $2 AND t.channel = $3 AND t.thread = $4 AND k.ticket <= $5"
     " ORDER BY k.ticket"
 )
 SKIP = (  # $5 served as read, $6 the last dead ticket; $7, $8 the notification
@@ -350,7 +350,9 @@ class PostgresHistoryStore:
                 try:
                     await asyncio.wait_for(waiter.woken.wait(), POLL)
                 except asyncio.TimeoutError:
-                    await self._skip_dead(key, advisory_lock_id(*key), ticket)
+                    served = await self._skip_dead(key, advisory_lock_id(*key), ticket)
+                    if served is not None and served + 1 < ticket:
+                        continue  # a live process is still answering an earlier message: wait on
             rows = await self._run("fetch", CHECK_TURN + TURN_READS, *key, ticket, *self._reads(spend))
             if rows[0]["served"] + 1 >= ticket:
                 return rows
@@ -376,11 +378,12 @@ class PostgresHistoryStore:
             if not waiters:
                 del self._waiting[lock]
 
-    async def _skip_dead(self, key: ConvKey, lock: int, ticket: int) -> None:
-        """Serves the tickets ahead of `ticket` whose processes are gone, up to the first live one."""
+    async def _skip_dead(self, key: ConvKey, lock: int, ticket: int) -> int | None:
+        """Serves the tickets ahead of `ticket` whose processes are gone, up to the first live one; returns the
+        newest served ticket (None: unknown)."""
         rows = await self._run("fetch", HOLDERS, *key, ticket)
         if not rows:
-            return
+            return None
         written = {row["ticket"]: row for row in rows}
         dead = None
         for ahead in range(rows[0]["served"] + 1, ticket):
@@ -393,6 +396,8 @@ class PostgresHistoryStore:
         if dead is not None:
             log.warning("skipping turns of a process that is gone", extra={"key": str(key)})
             await self._run("execute", SKIP, *key, rows[0]["served"], dead, TURNS_CHANNEL, f"{lock}:{dead}")
+            return dead
+        return rows[0]["served"]
 
     def _opened(self, key: ConvKey, ticket: int, rows: list[asyncpg.Record]) -> Turn:
         first = rows[0]

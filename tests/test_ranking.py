@@ -21,21 +21,3 @@ def test_a_document_strong_on_both_sides_outranks_one_strong_on_one():
     order = [source_of[i] for i, _ in fuse_by_document([dense, lexical], source_of, [1.0, 1.0])]
 
     assert order[:2] == ["a", "c"] and set(order) == {"a", "b", "c", "d"}
-
-
-LOCKERS = "# Lockers\n\nLockers open with the four-digit code printed on the back of your badge.\n"
-LOCKERS_NOW = "# Lockers\n\nLockers now open from the facilities app; badge codes no longer work.\n"
-
-
-async def test_a_replaced_document_votes_with_its_new_first_passage(retriever):
-    # Each document's first passage is a ranking of its own (search.WEIGHTS); the store keeps those vectors
-    # between searches, so a replaced document must not go on voting with the passage it no longer has.
-    await retriever.add_upload("lockers.md", LOCKERS.encode(), "facilities")
-    assert [h.source for h in await retriever.search("How do I open my locker?", ["facilities"])] == \
-        ["facilities/lockers.md"]
-    await retriever.add_upload("lockers.md", LOCKERS_NOW.encode(), "facilities")
-
-    ids, vectors = retriever.store.leads(["facilities"])
-
-    first = retriever.store.reader.execute("SELECT id, text FROM chunks WHERE ord = 0").fetchall()
-    assert ids == [first[0][0]] and "facilities app" in first[0][1] and vectors.shape == (1, retriever.embedder.dim)

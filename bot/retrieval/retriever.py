@@ -153,9 +153,9 @@ class Retriever:
         exact = self.store.lexical(" ".join(codes), wanted, pool, every=True) if codes and mode == "hybrid" else []
         rankings = [[i for i, _ in dense], lexical, exact]
         if mode == "hybrid" and self.fusion == "documents":
-            rankings.append(self._leads(wanted, vector, pool) if ranking.WEIGHTS[3] else [])
-            sources = self.store.sources(list({i for r in rankings for i in r}))
-            fused = ranking.fuse_by_document(rankings, sources, list(ranking.WEIGHTS))
+            leads = self._leads(wanted, vector, pool) if ranking.LEAD_WEIGHT else []
+            sources = self.store.sources(list({i for r in [*rankings, leads] for i in r}))
+            fused = ranking.fuse_by_document(rankings, sources, list(ranking.WEIGHTS), leads, ranking.LEAD_WEIGHT)
             if self.reranker is not None:
                 text_of = lambda ids: {i: row.text for i, row in self.store.chunks(ids).items()}  # noqa: E731
                 fused = self.reranker.rerank(query, fused, sources, text_of)
@@ -181,11 +181,7 @@ class Retriever:
         """Documents' first passages, most like the query first: one matrix product over the documents (not
         the chunks) of the collections searched, whose vectors the store keeps until the index changes."""
         ids, matrix = self.store.leads(collections)
-        if not ids:
-            return []
-        cosines = matrix @ vector
-        best = np.argsort(-cosines)[:pool] if len(ids) > pool else np.argsort(-cosines)
-        return [ids[n] for n in best]
+        return [ids[n] for n in np.argsort(-(matrix @ vector))[:pool]] if ids else []
 
     # -- keeping the index in step with the folders (indexing.py) ---------------------------------------
 

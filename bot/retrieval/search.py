@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 RRF_K = 60
-# Weights of the dense, BM25, exact-identifier and lead-passage rankings, and how many passages make a
-# document's score: chosen on the tuning halves of bench/retrieval.py's corpora (PostgreSQL and Git manuals),
-# where BM25 alone trails MiniLM by 0.2 in recall@1, so an equal vote let it push good dense hits down. The lead
-# ranking (each document's first passage by cosine, Store.leads) is a vote for the document as a whole: a
-# question in a user's words often matches a page's one-line summary better than any passage of its body.
-WEIGHTS = (1.0, 0.3, 1.0, 0.5)
+# Weights of the dense, BM25 and exact-identifier rankings, and how many passages make a document's score:
+# chosen on the tuning halves of bench/retrieval.py's corpora (PostgreSQL and Git manuals), where BM25 alone
+# trails MiniLM by 0.2 in recall@1, so an equal vote let it push good dense hits down.
+WEIGHTS = (1.0, 0.3, 1.0)
+# The weight of each document's first passage by cosine (Store.leads) in ranking documents: a question in a
+# user's words often matches a manual page's one-line summary better than any passage of its body.
+LEAD_WEIGHT = 0.5
 DOCUMENT_PASSAGES = 2
 # On bench/retrieval.py's labelled set the best MiniLM cosine in the top 5 is >= 0.43 for 95% of answerable
 # questions and <= 0.32 for 95% of off-topic ones; the bench prints both distributions.
@@ -81,20 +82,33 @@ def fuse(rankings: list[list[int]], weights: list[float] | None = None) -> list[
     return sorted(((i, s / best) for i, s in scores.items()), key=lambda pair: -pair[1])
 
 
-def fuse_by_document(rankings: list[list[int]], source_of: dict[int, str],
-                     weights: list[float] | None = None) -> list[tuple[int, float]]:
+def fuse_by_document(rankings: list[list[int]], source_of: dict[int, str], weights: list[float] | None = None,
+                     leads: list[int] | None = None, lead_weight: float = 0.0) -> list[tuple[int, float]]:
     """Rank documents first, then passages, so one long document cannot fill the top k.
 
     Passages are fused by weighted RRF; a document scores the sum of its two best passages (a second good
     passage is evidence, a tenth is not); passages then come back round-robin in document order: the best
     of every document, then the second of each, and so on. A passage keeps its own fused score, so a
-    threshold on it means what it did."""
+    threshold on it means what it did.
+
+    `leads`, documents' first passages best first, is one more ranking with `lead_weight` in ranking the
+    documents, and none in ordering a document's passages: a summary line may make its page the first
+    document, but the page's passage about the question still comes before that line."""
+    weights = weights or [1.0] * len(rankings)
     passages = fuse(rankings, weights)
+    voted = fuse([*rankings, leads], [*weights, lead_weight]) if leads and lead_weight else passages
+    by_document: dict[str, list[tuple[int, float]]] = {}
+    for chunk_id, score in voted:
+        if chunk_id in source_of:
+            by_document.setdefault(source_of[chunk_id], []).append((chunk_id, score))
+    order = sorted(by_document, key=lambda source: -sum(s for _, s in by_document[source][:DOCUMENT_PASSAGES]))
     queues: dict[str, list[tuple[int, float]]] = {}
     for chunk_id, score in passages:
         if chunk_id in source_of:
             queues.setdefault(source_of[chunk_id], []).append((chunk_id, score))
-    order = sorted(queues, key=lambda source: -sum(score for _, score in queues[source][:DOCUMENT_PASSAGES]))
+    ranked = {chunk_id for chunk_id, _ in passages}
+    for source in order:  # a document found by its first passage alone shows that passage, scored as unranked
+        queues.setdefault(source, []).extend((i, 0.0) for i, _ in by_document[source] if i not in ranked)
     out: list[tuple[int, float]] = []
     for depth in range(max((len(q) for q in queues.values()), default=0)):
         out.extend(queues[source][depth] for source in order if depth < len(queues[source]))

@@ -84,7 +84,9 @@ CREATE TABLE IF NOT EXISTS given_names (    -- what an uploader called a file sa
 BUSY_SECONDS = 30.0  # how long a writer waits for another process's transaction (one document's) to end
 CHANGES_KEPT = 50_000  # log rows kept; a process further behind than that reconciles each collection instead
 LEXICAL_ROWS = 4000  # passages BM25 may rank per query; see Store._rarest
-BM25_WEIGHTS = (0.5, 1.0)  # of chunks_fts's columns: header (document title and heading path), text
+# of chunks_fts's columns, header (document title and heading path) and text: 0 to 10 for the header won
+# nothing in hybrid search on the benchmark's reporting halves (README, Knowledge)
+BM25_WEIGHTS = (0.5, 1.0)
 _WORD = re.compile(r"[^\W_](?:[\w.\-/:]*[^\W_])?", re.UNICODE)
 
 
