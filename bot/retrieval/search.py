@@ -20,7 +20,8 @@ RRF_K = 60
 # trails MiniLM by 0.2 in recall@1, so an equal vote let it push good dense hits down.
 WEIGHTS = (1.0, 0.3, 1.0)
 # The weight of each document's first passage by cosine (Store.leads) in ranking documents: a question in a
-# user's words often matches a manual page's one-line summary better than any passage of its body.
+# user's words often matches a manual page's one-line summary better than any passage of its body. Chosen on
+# the same tuning halves; 0 turns it off (README, Knowledge: what it gains and costs).
 LEAD_WEIGHT = 0.5
 DOCUMENT_PASSAGES = 2
 # On bench/retrieval.py's labelled set the best MiniLM cosine in the top 5 is >= 0.43 for 95% of answerable
