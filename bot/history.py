@@ -31,6 +31,7 @@ import aiosqlite
 
 from bot.conversation import ConvKey, Workspace
 from bot.history_cache import MISSING, Conversation, Recent, RecentTurns
+from bot.history_reports import answered_conversations, export_query, usage_rows
 from bot.history_writer import GroupCommit, HistoryError, QueuedWrite, close_writer, connect_reader, connect_writer
 from bot.migrations import migrate
 from bot.models.base import Message
@@ -348,39 +349,16 @@ class HistoryStore(GroupCommit):
             " GROUP BY platform, workspace, channel, persona, day ORDER BY day, platform, workspace, channel, persona",
             params,
         )
-        return [
-            {"platform": p, "workspace": w, "channel": c, "persona": persona, "day": day,
-             "prompt_tokens": prompt, "completion_tokens": completion, "total": prompt + completion}
-            for p, w, c, persona, day, prompt, completion in rows
-        ]
+        return usage_rows(rows)
 
     async def export(self, platform: str | None = None, channel: str | None = None,
                      persona: str | None = None) -> AsyncIterator[dict]:
-        """Each stored conversation (one context of one key) that the bot answered, as `{"messages": [...]}`.
-
-        That is the OpenAI chat fine-tuning format; turns after the last reply are left out because a
-        trainer learns only from assistant turns.
-        """
-        filters = {"platform": platform, "channel": channel, "persona": persona}
-        where = [f"{column} = ?" for column, value in filters.items() if value is not None]
-        params = [value for value in filters.values() if value is not None]
-        sql = (
-            "SELECT platform, workspace, channel, thread, context, role, content FROM messages"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY platform, workspace, channel, thread, context, id"
-        )
-        async with self._read.execute(sql, params) as cursor:
+        """Each stored conversation (one context of one key) that the bot answered, as `{"messages": [...]}`
+        (see `answered_conversations`)."""
+        async with self._read.execute(*export_query(platform, channel, persona)) as cursor:
             cursor.arraysize = 1000
-            conversation: tuple | None = None
-            turns: list[Message] = []
-            async for *conv, role, content in cursor:
-                if tuple(conv) != conversation:
-                    if answered := answered_turns(turns):
-                        yield {"messages": answered}
-                    conversation, turns = tuple(conv), []
-                turns.append({"role": role, "content": content})
-            if answered := answered_turns(turns):
-                yield {"messages": answered}
+            async for conversation in answered_conversations(cursor):
+                yield conversation
 
     def _remember(self, key: ConvKey, message_id: int, params: tuple) -> None:
         """A committed turn updates the cached window and the channel's spend for today."""
@@ -423,11 +401,6 @@ async def open_history(settings: "Settings") -> "HistoryStore | PostgresHistoryS
 
         return await PostgresHistoryStore.open(settings.database_url)
     return await HistoryStore.open(settings.db_path)
-
-
-def answered_turns(turns: list[Message]) -> list[Message]:
-    last = max((i for i, turn in enumerate(turns) if turn["role"] == "assistant"), default=-1)
-    return turns[: last + 1]
 
 
 def _prepare(path: Path) -> None:

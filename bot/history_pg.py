@@ -7,31 +7,28 @@ reads is read in the statement that starts its turn, and the reply's last write 
 uncontended message costs three round trips (start, the user's turn, the reply's). PostgreSQL's own group
 commit does what the SQLite store's writer task does by hand.
 
-A conversation's messages are answered in arrival order whichever process receives them: each takes the
-conversation's next ticket as it arrives (one row per conversation, `turns`, whose row lock serialises the
-tickets) and is answered once the ticket before it is served. Waiting costs no connection: the process that
-serves a ticket wakes the next holder with NOTIFY, and a waiter that hears nothing for `POLL` seconds checks
-that the holders ahead of it are alive (each ticket names its process's listening connection; a process that
-dies closes it) and skips the dead ones.
+A conversation's messages are answered in arrival order whichever process receives them, by tickets in the
+database: that machinery is bot/pg_turns.py (`TicketTurns`); this module adds what answering a message reads.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import date, datetime, timezone
 from typing import Any
 
 import asyncpg
 
 from bot.conversation import ConvKey, Workspace
-from bot.history import MAX_TURNS, HistoryError, answered_turns, check_turn, fit_window
+from bot.history import MAX_TURNS, HistoryError, check_turn, fit_window
+from bot.history_reports import answered_conversations, export_query, usage_rows
 from bot.migrations import CREATE_TABLE, MIGRATIONS, TABLE, statements, too_new
 from bot.models.base import Message
+from bot.pg_turns import TicketTurns, ending_with
 from bot.sql_dialect import rowcount, to_postgres
 from bot.turns import Turn
 
@@ -46,27 +43,10 @@ INSERT_MESSAGE = (
 )
 WINDOW = (f"SELECT role, content, tokens FROM messages WHERE {KEY} AND thread = $4 AND context = {CONTEXT}"
           " ORDER BY id DESC LIMIT $5")
-# -- turns: $1..$4 the conversation, $5 the ticket (taking one: this process's pid), $6 whether to read the
-# spend, $7 today (UTC), $8 the window's most turns.
-TAKE_TICKET = (
-    "WITH ticket AS (INSERT INTO turns (platform, workspace, channel, thread, issued, served, pid)"
-    " VALUES ($1, $2, $3, $4, 1, 0, $5) ON CONFLICT (platform, workspace, channel, thread)"
-    " DO UPDATE SET issued = turns.issued + 1, pid = excluded.pid, before_pid = turns.pid"
-    " RETURNING issued, served, before_pid),"
-    # Only a ticket that has to wait is written down (for its wake-up and in case its process dies).
-    " holder AS (INSERT INTO turn_tickets (platform, workspace, channel, thread, ticket, pid, before_pid)"
-    " SELECT $1, $2, $3, $4, issued, $5, before_pid FROM ticket WHERE served + 1 < issued),"
-    # `served` as of this statement's snapshot: if it says the turn has come, everything the previous holder
-    # wrote is in the snapshot too (its last write and its release commit together). `latest`: as of the row
-    # lock, which may be later (a release that committed while this waited for the row): then the turn has
-    # come but the reads are stale, and are read again.
-    f" head AS (SELECT issued AS ticket, coalesce((SELECT served FROM turns WHERE {KEY} AND thread = $4), 0)"
-    " AS served, served AS latest FROM ticket)"
-)
-CHECK_TURN = (f"WITH head AS (SELECT $5::bigint AS ticket, served, served AS latest FROM (SELECT coalesce((SELECT"
-              f" served FROM turns WHERE {KEY} AND thread = $4), 0) AS served) now)")
-# What answering the message reads, read only once its turn has come: persona, freshness of the workspace's
-# personas, spend, and the window's newest turns (a row each; none: one row of NULLs).
+# What answering the message reads, read only once its turn has come, in the statement of bot/pg_turns.py that
+# takes or checks its ticket (which uses $1..$5): persona, freshness of the workspace's personas, spend, and
+# the window's newest turns (a row each; none: one row of NULLs). $6 whether to read the spend, $7 today
+# (UTC), $8 the window's most turns.
 TURN_READS = (
     " SELECT h.ticket, h.served, h.latest, r.persona, r.newest, r.spent, w.role, w.content, w.tokens FROM head h"
     f" LEFT JOIN LATERAL (SELECT (SELECT persona FROM channels WHERE {KEY}) AS persona,"
@@ -78,43 +58,7 @@ TURN_READS = (
     f" WHERE {KEY} AND thread = $4 AND context = {CONTEXT} AND h.served + 1 >= h.ticket"
     " ORDER BY id DESC LIMIT $8) w ON true ORDER BY w.id DESC"
 )
-TURNS_CHANNEL = "personabot_turns"  # NOTIFY payload: "<conversation's lock id>:<ticket now served>"
-NOTIFY = "SELECT pg_notify($1, $2)"
-
-
-def _release(a: int) -> tuple[str, str]:
-    """Ending a turn ($A..$A+3 the conversation, $A+4 the ticket): served only if it is still the previous
-    ticket (a holder taken for dead may have been skipped meanwhile). Returns the CTEs, and the columns that
-    say whom to wake: the tickets issued so far, and the process holding the next one when it is written
-    down. No NOTIFY in here: a notifying commit holds PostgreSQL's one notify lock through its flush to disk,
-    which would serialise every conversation's commits."""
-    key = f"platform = ${a} AND workspace = ${a + 1} AND channel = ${a + 2} AND thread = ${a + 3}"
-    return ((f"released AS (UPDATE turns SET served = ${a + 4} WHERE {key} AND served = ${a + 4} - 1"
-             f" RETURNING issued), gone AS (DELETE FROM turn_tickets WHERE {key} AND ticket = ${a + 4})"),
-            (f"(SELECT issued FROM released),"
-             f" (SELECT pid FROM turn_tickets WHERE {key} AND ticket = ${a + 4} + 1)"))
-
-
-RELEASE = "WITH {} SELECT {}".format(*_release(1))
-APPEND_AND_RELEASE = "WITH message AS ({}), {} SELECT id, {} FROM message".format(INSERT_MESSAGE, *_release(14))
-# The unserved tickets that had to wait, up to the asker's own, oldest first, with whether the process holding
-# each (and the one before it) is still connected.
-HOLDERS = (
-    "SELECT t.served, k.ticket, EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.pid) AS alive,"
-    " EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = k.before_pid) AS before_alive"
-    " FROM turns t JOIN turn_tickets k ON (k.platform, k.workspace, k.channel, k.thread)"
-    " = (t.platform, t.workspace, t.channel, t.thread) AND k.ticket > t.served"
-    f" WHERE t.platform = $1 AND t.workspace = $2 AND t.channel = $3 AND t.thread = $4 AND k.ticket <= $5"
-    " ORDER BY k.ticket"
-)
-SKIP = (  # $5 served as read, $6 the last dead ticket; $7, $8 the notification
-    f"WITH skipped AS (UPDATE turns SET served = $6 WHERE {KEY} AND thread = $4 AND served = $5"
-    " RETURNING issued, served),"
-    f" gone AS (DELETE FROM turn_tickets WHERE {KEY} AND thread = $4 AND ticket <= $6"
-    " AND EXISTS (SELECT 1 FROM skipped))"
-    " SELECT pg_notify($7, $8) FROM skipped WHERE issued > served"
-)
-POLL = 1.0  # seconds a waiting message waits for its wake-up before it checks the holders ahead are alive
+APPEND_AND_RELEASE = ending_with(INSERT_MESSAGE, 14)
 NEXT_CONTEXT = (" ON CONFLICT (platform, workspace, channel, thread)"
                 " DO UPDATE SET context = contexts.context + 1, reset_at = excluded.reset_at")
 
@@ -142,34 +86,13 @@ async def _no_session_state(connection: asyncpg.Connection) -> None:
     """Pool connections for statements keep no session state, so returning one costs no reset round trip."""
 
 
-class _Waiter:
-    """One message waiting here for its turn: `served` is the newest served ticket it has heard of."""
-
-    def __init__(self, ticket: int | None = None):
-        self.ticket = ticket  # None until its ticket is taken: then it hears of every ticket served
-        self.served = -1
-        self.woken = asyncio.Event()
-
-    def heard(self, served: int) -> None:
-        self.served = max(self.served, served)
-        self.woken.set()
-
-
-class PostgresHistoryStore:
+class PostgresHistoryStore(TicketTurns):
     shared = True  # other processes write the same database: nothing they change may be cached
 
     def __init__(self, url: str, pool: asyncpg.Pool):
+        super().__init__()
         self.url = url
         self._pool = pool
-        # Open as long as the process: its server pid names this process's tickets, and NOTIFY wakes arrive on it.
-        self._listener: asyncpg.Connection
-        # (conversation's lock id, ticket) -> woken when the ticket before it is served.
-        self._waiting: dict[int, list[_Waiter]] = {}  # conversation's lock id -> its messages waiting here
-        # Conversation -> when this process's newest message for it has its ticket (the next one asks after).
-        self._issuing: dict[ConvKey, asyncio.Future] = {}
-        self._in_turn: dict[ConvKey, int] = {}  # messages being answered or waiting here, per conversation
-        self._abandoned: set[asyncio.Task] = set()  # tickets given up or not yet served: see _background
-        self._notifying: set[asyncio.Task] = set()
         self._closing = False
         self._busy = 0  # statements under way: close() lets them finish, as the SQLite store commits its queue
         self._idle = asyncio.Event()
@@ -189,7 +112,7 @@ class PostgresHistoryStore:
             async with pool.acquire() as connection:
                 await migrate(connection)
             store = cls(url, pool)
-            store._listener = await _listening(url, store._woken)
+            await store._listen()
         except BaseException:
             await pool.close()
             raise
@@ -198,9 +121,7 @@ class PostgresHistoryStore:
     async def close(self) -> None:
         if self._closing:
             return
-        for task in self._abandoned:
-            task.cancel()
-        await asyncio.gather(*self._abandoned, *self._notifying, return_exceptions=True)
+        await self._stop_turns()
         self._closing = True
         self._idle.clear()
         if self._busy:
@@ -239,11 +160,10 @@ class PostgresHistoryStore:
                   _now())
         if ending is None or ending.released or ending.ticket is None:
             return await self._run("fetchval", INSERT_MESSAGE, *params)
-        lock = advisory_lock_id(*ending.key)
         message_id, issued, next_pid = await self._run("fetchrow", APPEND_AND_RELEASE, *params, *ending.key,
                                                        ending.ticket)
         ending.released = True  # only once committed: a failed write leaves the turn to end with its `async with`
-        self._served(lock, ending.ticket, issued, next_pid)
+        self._served(advisory_lock_id(*ending.key), ending.ticket, issued, next_pid)
         return message_id
 
     async def window(self, key: ConvKey, budget_tokens: int,
@@ -271,8 +191,7 @@ class PostgresHistoryStore:
             *channel[:3], _now(),
         )
 
-    @asynccontextmanager
-    async def turn(self, key: ConvKey, *, spend: bool = False) -> AsyncIterator[Turn]:
+    def turn(self, key: ConvKey, *, spend: bool = False) -> AbstractAsyncContextManager[Turn]:
         """Held while one message of the conversation is answered, by whichever process answers it.
 
         The message takes its ticket on entry; the statement that finds its turn has come also reads what
@@ -280,124 +199,10 @@ class PostgresHistoryStore:
         `spend`, the window), yielded as a `Turn`. `append(..., ending=turn)` ends the turn with the reply's
         last write; otherwise it ends when the `async with` does.
         """
-        lock = advisory_lock_id(*key)
-        before = self._issuing.get(key)
-        issued = self._issuing[key] = asyncio.get_running_loop().create_future()
-        self._in_turn[key] = self._in_turn.get(key, 0) + 1
-        # Listening before the ticket is taken: a ticket served in between still wakes this one.
-        waiter = _Waiter()
-        self._waiting.setdefault(lock, []).append(waiter)
-        try:
-            try:
-                if before is not None:  # this process's previous message for it takes its ticket first
-                    await asyncio.wait({before})
-                rows = await self._take_ticket(key, lock, spend)
-            finally:
-                if not issued.done():
-                    issued.set_result(None)
-            ticket = waiter.ticket = rows[0]["ticket"]
-            try:
-                if rows[0]["served"] + 1 < ticket:  # someone (here or elsewhere) is answering an earlier one
-                    waiter.heard(rows[0]["latest"])
-                    rows = await self._await_turn(key, waiter, spend)
-            except BaseException:  # gave up waiting: the ticket is served, doing nothing, when it comes up
-                self._abandon(key, lock, ticket)
-                raise
-            finally:
-                self._stop_waiting(lock, waiter)
-            turn = self._opened(key, ticket, rows)
-            try:
-                yield turn
-            finally:
-                if not turn.released:
-                    await asyncio.shield(self._end(key, lock, ticket))
-        finally:
-            self._stop_waiting(lock, waiter)
-            if self._issuing.get(key) is issued:
-                del self._issuing[key]
-            self._in_turn[key] -= 1
-            if not self._in_turn[key]:
-                del self._in_turn[key]
+        return self._ticketed(key, advisory_lock_id(*key), spend)
 
-    @property
-    def conversations_in_turn(self) -> int:
-        """Conversations with a message being answered or waiting here (0 when idle: nothing is left behind)."""
-        return len(self._in_turn)
-
-    def _reads(self, spend: bool) -> tuple:
-        return (spend, _now()[:10], MAX_TURNS)
-
-    async def _take_ticket(self, key: ConvKey, lock: int, spend: bool) -> list[asyncpg.Record]:
-        pid = await self._listening_pid()
-        taking = asyncio.ensure_future(self._run("fetch", TAKE_TICKET + TURN_READS, *key, pid, *self._reads(spend)))
-        try:
-            return await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            def give_back(done: asyncio.Future) -> None:  # the ticket may be ours by the time the answer comes
-                if not done.cancelled() and done.exception() is None:
-                    self._abandon(key, lock, done.result()[0]["ticket"])
-            taking.add_done_callback(give_back)
-            raise
-
-    async def _await_turn(self, key: ConvKey, waiter: "_Waiter", spend: bool) -> list[asyncpg.Record]:
-        """Waits, holding no connection, until the ticket before the waiter's is served; returns the turn's
-        reads. Woken by the process that served it (NOTIFY, or directly when that is this process)."""
-        ticket = waiter.ticket
-        assert ticket is not None
-        while True:
-            if waiter.served + 1 < ticket:
-                waiter.woken.clear()
-                try:
-                    await asyncio.wait_for(waiter.woken.wait(), POLL)
-                except asyncio.TimeoutError:
-                    served = await self._skip_dead(key, advisory_lock_id(*key), ticket)
-                    if served is not None and served + 1 < ticket:
-                        continue  # a live process is still answering an earlier message: wait on
-            rows = await self._run("fetch", CHECK_TURN + TURN_READS, *key, ticket, *self._reads(spend))
-            if rows[0]["served"] + 1 >= ticket:
-                return rows
-            waiter.heard(rows[0]["served"])
-
-    def _woken(self, connection: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
-        lock, served = payload.split(":")
-        self._wake(int(lock), int(served))
-
-    def _wake(self, lock: int, served: int) -> bool:
-        """Wakes this process's messages that `served` concerns; True if the next ticket's holder is here."""
-        here = False
-        for waiter in self._waiting.get(lock, ()):
-            if waiter.ticket is None or waiter.ticket <= served + 1:
-                waiter.heard(served)
-                here = here or waiter.ticket == served + 1
-        return here
-
-    def _stop_waiting(self, lock: int, waiter: "_Waiter") -> None:
-        waiters = self._waiting.get(lock, [])
-        if waiter in waiters:
-            waiters.remove(waiter)
-            if not waiters:
-                del self._waiting[lock]
-
-    async def _skip_dead(self, key: ConvKey, lock: int, ticket: int) -> int | None:
-        """Serves the tickets ahead of `ticket` whose processes are gone, up to the first live one; returns the
-        newest served ticket (None: unknown)."""
-        rows = await self._run("fetch", HOLDERS, *key, ticket)
-        if not rows:
-            return None
-        written = {row["ticket"]: row for row in rows}
-        dead = None
-        for ahead in range(rows[0]["served"] + 1, ticket):
-            # A ticket that did not wait is named only by the one after it (which did).
-            alive = written[ahead]["alive"] if ahead in written else (
-                written[ahead + 1]["before_alive"] if ahead + 1 in written else True)
-            if alive:
-                break
-            dead = ahead
-        if dead is not None:
-            log.warning("skipping turns of a process that is gone", extra={"key": str(key)})
-            await self._run("execute", SKIP, *key, rows[0]["served"], dead, TURNS_CHANNEL, f"{lock}:{dead}")
-            return dead
-        return rows[0]["served"]
+    def _reads(self, spend: bool) -> tuple[str, tuple]:
+        return TURN_READS, (spend, _now()[:10], MAX_TURNS)
 
     def _opened(self, key: ConvKey, ticket: int, rows: list[asyncpg.Record]) -> Turn:
         first = rows[0]
@@ -410,73 +215,6 @@ class PostgresHistoryStore:
             return fit_window(newest, len(newest) < MAX_TURNS, budget_tokens, counter)  # type: ignore[arg-type]
 
         return Turn(key, first["persona"], first["spent"], first["newest"], window, ticket)
-
-    async def _end(self, key: ConvKey, lock: int, ticket: int, *, again: bool = True) -> None:
-        """Serves `ticket`. While that fails (the server restarting, say) it is tried again every POLL seconds
-        in the background: the others take this process for dead only once it is, and wait for it till then."""
-        try:
-            self._served(lock, ticket, *await self._run("fetchrow", RELEASE, *key, ticket))
-            return
-        except (OSError, HistoryError, asyncpg.InterfaceError) as exc:
-            if self._closing:  # its listening connection closes with it: the others skip the ticket
-                return
-            if not again:
-                raise
-            log.error("could not end a conversation's turn (trying again): %s", exc)
-
-        async def retry() -> None:
-            while True:
-                await asyncio.sleep(POLL)
-                with contextlib.suppress(OSError, HistoryError, asyncpg.InterfaceError):
-                    return await self._end(key, lock, ticket, again=False)
-
-        self._background(retry())
-
-    def _served(self, lock: int, ticket: int, issued: int | None, next_pid: int | None) -> None:
-        """After `ticket` was served: wake the next ticket's holder, here directly, in another process by a
-        NOTIFY to that process alone (sent in a transaction of its own, without waiting for it); to every
-        process when the next ticket was taken too late for the release to see whose it is."""
-        if issued is None or issued <= ticket:
-            return
-        if next_pid == self._listener.get_server_pid() and not self._listener.is_closed():
-            self._wake(lock, ticket)
-            return
-        channel = _own_channel(next_pid) if next_pid is not None else TURNS_CHANNEL
-        task = asyncio.ensure_future(self._run("execute", NOTIFY, channel, f"{lock}:{ticket}"))
-        self._notifying.add(task)
-        task.add_done_callback(self._notified)
-
-    def _notified(self, task: asyncio.Task) -> None:
-        self._notifying.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # the waiter finds out within POLL anyway
-            log.warning("could not wake the next message's holder: %s", task.exception())
-
-    def _abandon(self, key: ConvKey, lock: int, ticket: int) -> None:
-        """A ticket given up while waiting is served once its turn comes, so the messages after it go on."""
-        async def serve() -> None:
-            waiter = _Waiter(ticket)
-            self._waiting.setdefault(lock, []).append(waiter)
-            try:
-                await self._await_turn(key, waiter, False)
-            finally:
-                self._stop_waiting(lock, waiter)
-            await self._end(key, lock, ticket)
-
-        if not self._closing:  # closing the listening connection makes every ticket left here read as dead
-            self._background(serve())
-
-    def _background(self, work: Awaitable[None]) -> None:
-        """Turn keeping that must outlive the message it was for; cancelled when the store closes."""
-        task = asyncio.ensure_future(work)
-        self._abandoned.add(task)
-        task.add_done_callback(self._abandoned.discard)
-
-    async def _listening_pid(self) -> int:
-        """The server pid of the connection this process listens on; reopened if it was lost (tickets taken
-        under the old one then read as dead to the others, who skip them)."""
-        if self._listener.is_closed():
-            self._listener = await _listening(self.url, self._woken)
-        return self._listener.get_server_pid()
 
     # -- channels ------------------------------------------------------------------------------------
 
@@ -556,48 +294,17 @@ class PostgresHistoryStore:
             " GROUP BY platform, workspace, channel, persona, day ORDER BY day, platform, workspace, channel, persona",
             *params,
         )
-        return [
-            {"platform": p, "workspace": w, "channel": c, "persona": persona, "day": day,
-             "prompt_tokens": prompt, "completion_tokens": completion, "total": prompt + completion}
-            for p, w, c, persona, day, prompt, completion in rows
-        ]
+        return usage_rows(rows)
 
     async def export(self, platform: str | None = None, channel: str | None = None,
                      persona: str | None = None) -> AsyncIterator[dict]:
-        """Each stored conversation the bot answered, as `{"messages": [...]}` (see HistoryStore.export)."""
-        filters = {"platform": platform, "channel": channel, "persona": persona}
-        params = [value for value in filters.values() if value is not None]
-        where = [f"{column} = ${n}" for n, column in
-                 enumerate((c for c, v in filters.items() if v is not None), start=1)]
-        sql = (
-            "SELECT platform, workspace, channel, thread, context, role, content FROM messages"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY platform, workspace, channel, thread, context, id"
-        )
+        """Each stored conversation the bot answered, as `{"messages": [...]}` (see `answered_conversations`),
+        read through a cursor in one transaction."""
+        sql, params = export_query(platform, channel, persona)
         async with self._pool.acquire() as connection, connection.transaction():
-            conversation: tuple | None = None
-            turns: list[Message] = []
-            async for *conv, role, content in connection.cursor(sql, *params, prefetch=1000):
-                if tuple(conv) != conversation:
-                    if answered := answered_turns(turns):
-                        yield {"messages": answered}
-                    conversation, turns = tuple(conv), []
-                turns.append({"role": role, "content": content})
-            if answered := answered_turns(turns):
-                yield {"messages": answered}
-
-
-def _own_channel(pid: int) -> str:
-    """The channel only the process whose listening connection has server pid `pid` listens on."""
-    return f"{TURNS_CHANNEL}_{pid}"
-
-
-async def _listening(url: str, woken: Callable) -> asyncpg.Connection:
-    """A connection listening for wake-ups: those for every process, and those for this one alone."""
-    connection = await asyncpg.connect(url)
-    for channel in (TURNS_CHANNEL, _own_channel(connection.get_server_pid())):
-        await connection.add_listener(channel, woken)
-    return connection
+            async for conversation in answered_conversations(connection.cursor(to_postgres(sql), *params,
+                                                                                prefetch=1000)):
+                yield conversation
 
 
 async def migrate(connection: asyncpg.Connection) -> int:

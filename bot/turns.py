@@ -3,7 +3,7 @@ order, and what answering one reads from the store is read as its turn begins.
 
 Inside one process, asyncio.Lock wakes its waiters first-in first-out, which is exactly arrival order: the
 SQLite store uses `ArrivalOrder` alone (one process owns the file). The PostgreSQL store hands out tickets in
-the database instead (bot/history_pg.py), so the order holds across processes.
+the database instead (bot/pg_turns.py), so the order holds across processes.
 """
 from __future__ import annotations
 
