@@ -13,7 +13,10 @@ one process on SQLite (the embedded default) with the same load, as a ratio. Als
 the PostgreSQL server (its postmaster and every process it started) and the bot processes, which a busy
 machine's throughput cannot hide: on C cores, messages/s can be at most C × 1000 ÷ their sum.
 
-    .venv/bin/python bench/scale_out.py [--processes 1,2,4] [--conversations 100] [--messages 20]
+`--sticky` routes all of a conversation's messages to one process instead (as Discord's shards do with a
+guild's), which leaves only the database's own cost of several processes, with no handoff between them.
+
+    .venv/bin/python bench/scale_out.py [--processes 1,2,4] [--conversations 100] [--messages 20] [--sticky]
 """
 from __future__ import annotations
 
@@ -135,7 +138,7 @@ def cpu_seconds(pids: set[int], children_of: int | None = None) -> float:
 
 
 def run(store: str, processes: int, conversations: int, messages: int, personas: Path, data: Path,
-        postmaster: int | None = None) -> dict:
+        postmaster: int | None = None, sticky: bool = False) -> dict:
     """One run: start the processes (not timed), play the conversations, check every answer."""
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
@@ -165,8 +168,9 @@ def run(store: str, processes: int, conversations: int, messages: int, personas:
     began = time.perf_counter()
 
     def send(conversation: int, seq: int) -> None:
-        # Each message of a conversation goes to the next process: consecutive turns never share one.
-        to_worker, _ = pipes[(conversation + seq) % processes]
+        # Each message of a conversation goes to the next process, so consecutive turns never share one; or,
+        # `sticky`, every message of a conversation to the same process, as Discord's shards route a guild.
+        to_worker, _ = pipes[(conversation + (0 if sticky else seq)) % processes]
         sent[conversation, seq] = time.perf_counter()
         to_worker.send((conversation, seq))
 
@@ -205,7 +209,10 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2,4")
     parser.add_argument("--conversations", type=int, default=100, help="conversations talking at once")
     parser.add_argument("--messages", type=int, default=20, help="messages in each conversation")
+    parser.add_argument("--sticky", action="store_true",
+                        help="route every message of a conversation to one process (Discord shards) instead")
     args = parser.parse_args()
+    counts = sorted({int(p) for p in args.processes.split(",")} | {1})  # 1 is every ratio's baseline
     bin_dir = binaries()
     if bin_dir is None:
         sys.exit("no PostgreSQL binaries here: apt-get install postgresql")
@@ -222,15 +229,16 @@ def main() -> None:
             shape = (args.conversations, args.messages, personas)
             sqlite = run("sqlite", 1, *shape, Path(tmp) / "sqlite")
             rows.append(("SQLite, 1 process", sqlite))
-            for n in (int(p) for p in args.processes.split(",")):
+            for n in counts:
                 url = cluster.url(cluster.new_database())
                 rows.append((f"PostgreSQL, {n} process{'es' if n > 1 else ''}",
-                             run(url, n, *shape, Path(tmp) / f"pg{n}", postmaster)))
+                             run(url, n, *shape, Path(tmp) / f"pg{n}", postmaster, args.sticky)))
     finally:
         cluster.stop()
 
     print(f"{args.conversations} conversations at once x {args.messages} messages each; "
-          "each message handed to a different process than the one before it")
+          + ("all of a conversation's messages to one process" if args.sticky
+             else "each message handed to a different process than the one before it"))
     print(f"{'':<26}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'violations':>12}"
           f"{'CPU ms/msg: server':>21}{'bots':>7}")
     for label, row in rows:
