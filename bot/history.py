@@ -35,6 +35,7 @@ from bot.history_reports import answered_conversations, export_query, usage_rows
 from bot.history_writer import GroupCommit, HistoryError, QueuedWrite, close_writer, connect_reader, connect_writer
 from bot.migrations import migrate
 from bot.models.base import Message
+from bot.sqlite_wal import use_wal
 from bot.turns import ArrivalOrder, Turn
 
 if TYPE_CHECKING:
@@ -406,7 +407,7 @@ async def open_history(settings: "Settings") -> "HistoryStore | PostgresHistoryS
 def _prepare(path: Path) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode = WAL")
+        use_wal(db, 5)  # as long as sqlite3.connect's default busy timeout
         migrate(db)
     except sqlite3.DatabaseError as exc:
         raise HistoryError(f"{path} is not a usable personabot database: {exc}") from exc
