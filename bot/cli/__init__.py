@@ -163,7 +163,7 @@ app.add_typer(personas.app, name="personas", help="List, show, validate, import 
 app.add_typer(models.app, name="models", help="Fetch and list local models.")
 app.add_typer(knowledge.app, name="knowledge")
 app.add_typer(eval_cli.app, name="eval")
-app.add_typer(history.app, name="history", help="Export stored conversations.")
+app.add_typer(history.app, name="history", help="Export stored conversations, or copy them into PostgreSQL.")
 app.command()(history.usage)
 app.command()(finetune.finetune)
 

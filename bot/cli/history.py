@@ -1,4 +1,5 @@
-"""`personabot history export` and `personabot usage`: the stored conversations and what they cost."""
+"""`personabot history export`, `history copy` and `personabot usage`: the stored conversations, moving them
+from SQLite to PostgreSQL, and what they cost."""
 from __future__ import annotations
 
 import asyncio
@@ -56,6 +57,32 @@ async def _export(settings: Settings, f, platform: str | None, channel: str | No
     finally:
         await store.close()
     return count
+
+
+@app.command()
+def copy(
+    to: Annotated[str, typer.Option("--to", help="postgresql:// URL of a database no bot has used yet.")],
+) -> None:
+    """Copy the SQLite history (conversations, personas, settings, audit, Slack installs) into PostgreSQL."""
+    from bot.history_copy import SKIPPED, TargetNotEmpty, copy_history
+    from bot.history_pg import redacted
+
+    if not to.startswith(("postgresql://", "postgres://")):
+        raise typer.BadParameter("must be a postgresql:// URL", param_hint="--to")
+    settings = Settings()
+    if not settings.db_path.exists():
+        typer.echo(f"No history to copy: {settings.db_path} does not exist (check PERSONABOT_DATA_DIR).", err=True)
+        raise typer.Exit(1)
+    try:
+        copied = asyncio.run(copy_history(settings.db_path, to))
+    except TargetNotEmpty as exc:
+        typer.echo(f"Refused: {exc}. Nothing was written.", err=True)
+        raise typer.Exit(1) from None
+    width = max(len(c.table) for c in copied)
+    for c in copied:
+        typer.echo(f"{c.table.ljust(width)}  {c.rows:>9,} row{'' if c.rows == 1 else 's'}")
+    typer.echo(f"Copied {sum(c.rows for c in copied):,} rows from {settings.db_path} into {redacted(to)}; not copied"
+               f" (the target's own, or rebuilt by themselves): {', '.join(sorted(SKIPPED))}.")
 
 
 def usage(
