@@ -129,21 +129,14 @@ def main() -> None:
     if url := os.environ.get("DATABASE_URL"):
         asyncio.run(run(url, args))
         return
-    from postgres_server import Cluster, binaries
+    from postgres_server import bench_server
 
-    bin_dir = binaries()
-    if bin_dir is None:
-        sys.exit("no PostgreSQL binaries: set DATABASE_URL or apt-get install postgresql")
-    cluster = Cluster(bin_dir, durable=True)
-    cluster.start()
-    try:
+    with bench_server() as cluster:
         if args.no_sync:
             cluster.admin("ALTER SYSTEM SET synchronous_commit = off")
             cluster.admin("SELECT pg_reload_conf()")
         print(f"PostgreSQL: throwaway server, synchronous_commit {'off' if args.no_sync else 'on'}")
         asyncio.run(run(cluster.url(cluster.new_database()), args))
-    finally:
-        cluster.stop()
 
 
 if __name__ == "__main__":

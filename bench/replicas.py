@@ -230,17 +230,10 @@ def postgres():
         yield lambda: url
         return
     sys.path.insert(0, str(ROOT / "tests"))
-    from postgres_server import Cluster, binaries
+    from postgres_server import bench_server
 
-    bin_dir = binaries()
-    if bin_dir is None:
-        sys.exit("no PostgreSQL binaries: set DATABASE_URL or apt-get install postgresql")
-    cluster = Cluster(bin_dir, durable=True)
-    cluster.start()
-    try:
+    with bench_server() as cluster:
         yield lambda: cluster.url(cluster.new_database())
-    finally:
-        cluster.stop()
 
 
 def main() -> None:

@@ -123,29 +123,20 @@ async def measure(url: str, postmaster: int, messages: int, personas: Path, data
 
 
 def main() -> None:
-    from postgres_server import Cluster, binaries
+    from postgres_server import bench_server
 
     from scale_out import PERSONA
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=40)
     args = parser.parse_args()
-    bin_dir = binaries()
-    if bin_dir is None:
-        sys.exit("no PostgreSQL binaries here: apt-get install postgresql")
     instrument()
-    cluster = Cluster(bin_dir)
-    cluster.start()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            personas = Path(tmp) / "personas"
-            personas.mkdir()
-            (personas / "bench.yaml").write_text(PERSONA)
-            url = cluster.url(cluster.new_database())
-            postmaster = int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
-            asyncio.run(measure(url, postmaster, args.messages, personas, Path(tmp) / "data"))
-    finally:
-        cluster.stop()
+    with bench_server(durable=False) as cluster, tempfile.TemporaryDirectory() as tmp:
+        personas = Path(tmp) / "personas"
+        personas.mkdir()
+        (personas / "bench.yaml").write_text(PERSONA)
+        url = cluster.url(cluster.new_database())
+        asyncio.run(measure(url, cluster.postmaster_pid, args.messages, personas, Path(tmp) / "data"))
 
 
 if __name__ == "__main__":

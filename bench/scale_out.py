@@ -203,7 +203,7 @@ def run(store: str, processes: int, conversations: int, messages: int, personas:
 
 
 def main() -> None:
-    from postgres_server import Cluster, binaries
+    from postgres_server import bench_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", default="1,2,4")
@@ -213,28 +213,18 @@ def main() -> None:
                         help="route every message of a conversation to one process (Discord shards) instead")
     args = parser.parse_args()
     counts = sorted({int(p) for p in args.processes.split(",")} | {1})  # 1 is every ratio's baseline
-    bin_dir = binaries()
-    if bin_dir is None:
-        sys.exit("no PostgreSQL binaries here: apt-get install postgresql")
-
-    cluster = Cluster(bin_dir, durable=True)
-    cluster.start()
-    postmaster = int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
     rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            personas = Path(tmp) / "personas"
-            personas.mkdir()
-            (personas / "bench.yaml").write_text(PERSONA)
-            shape = (args.conversations, args.messages, personas)
-            sqlite = run("sqlite", 1, *shape, Path(tmp) / "sqlite")
-            rows.append(("SQLite, 1 process", sqlite))
-            for n in counts:
-                url = cluster.url(cluster.new_database())
-                rows.append((f"PostgreSQL, {n} process{'es' if n > 1 else ''}",
-                             run(url, n, *shape, Path(tmp) / f"pg{n}", postmaster, args.sticky)))
-    finally:
-        cluster.stop()
+    with bench_server() as cluster, tempfile.TemporaryDirectory() as tmp:
+        personas = Path(tmp) / "personas"
+        personas.mkdir()
+        (personas / "bench.yaml").write_text(PERSONA)
+        shape = (args.conversations, args.messages, personas)
+        sqlite = run("sqlite", 1, *shape, Path(tmp) / "sqlite")
+        rows.append(("SQLite, 1 process", sqlite))
+        for n in counts:
+            url = cluster.url(cluster.new_database())
+            rows.append((f"PostgreSQL, {n} process{'es' if n > 1 else ''}",
+                         run(url, n, *shape, Path(tmp) / f"pg{n}", cluster.postmaster_pid, args.sticky)))
 
     print(f"{args.conversations} conversations at once x {args.messages} messages each; "
           + ("all of a conversation's messages to one process" if args.sticky

@@ -8,6 +8,7 @@ cluster is run by the `postgres` system user (which the package creates).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import itertools
 import os
@@ -15,8 +16,10 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,11 @@ class Cluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    @property
+    def postmaster_pid(self) -> int:
+        """The server's first process: benchmarks sum the CPU of it and every backend it started."""
+        return int((self.root / "data" / "postmaster.pid").read_text().split()[0])
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
@@ -104,6 +112,21 @@ class Cluster:
         name = f"test_{next(self._names)}"
         self.admin(f"CREATE DATABASE {name}{self._copy}")
         return name
+
+
+@contextlib.contextmanager
+def bench_server(*, durable: bool = True) -> Iterator[Cluster]:
+    """A throwaway server for a benchmark, stopped when the block ends; without binaries the bench exits
+    saying how to get them. `durable`: PostgreSQL's own defaults, every commit flushed to disk."""
+    bin_dir = binaries()
+    if bin_dir is None:
+        sys.exit("no PostgreSQL binaries here: apt-get install postgresql (or set DATABASE_URL where the bench reads it)")
+    cluster = Cluster(bin_dir, durable=durable)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _capture(failure: list, work) -> None:  # type: ignore[no-untyped-def]
