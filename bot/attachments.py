@@ -49,6 +49,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".log", ".csv", ".tsv", ".j
                  ".patch"}
 UNTYPED = ("", "application/octet-stream")  # the platform did not say: the suffix decides what to try
 NAME_LIMIT = 100
+# A download that stalls is given up on: it is read inside the conversation's turn, so every later message of
+# the conversation would wait behind it.
+DOWNLOAD_SECONDS = 30.0
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f`\[\]]+")
 
 
@@ -149,8 +152,8 @@ async def _read(file: Attachment, kind: str, limit: int, taken: bool) -> _Read:
         return _left_out(kind, name, FILE_TOO_BIG.format(name=name, size=_size(file.size), kind=what,
                                                          limit=_size(limit)))
     try:
-        data = await file.read()
-    except Exception as exc:  # whatever the platform's download raises: the reply goes on without the file
+        data = await asyncio.wait_for(file.read(), DOWNLOAD_SECONDS)
+    except Exception as exc:  # a stall, or whatever the platform's download raises: the reply goes on without it
         log.warning("could not download attachment %s: %s", name, exc)
         return _left_out(kind, name, NOT_DOWNLOADED.format(name=name))
     if len(data) > limit:

@@ -6,6 +6,7 @@ the file's bytes to the workspace's bot token only.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -18,6 +19,7 @@ import discord.ext.test.factories as dpy_factories
 import pytest
 from PIL import Image
 
+from bot import attachments
 from bot.config import Settings
 from bot.conversation import Attachment, ConvKey, Incoming
 from bot.engine import Engine
@@ -170,6 +172,21 @@ async def test_image_declared_over_the_cap_is_refused_without_downloading_it(mak
 
     assert reply.startswith("_(I left out huge.png: it is 50.0 MB, and an image may be at most 5.0 MB)_\n\n")
     assert reads == [] and image_parts(openai_server.last) == []
+
+
+async def test_a_download_that_stalls_is_left_out_and_the_question_still_answered(make_engine, openai_server,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(attachments, "DOWNLOAD_SECONDS", 0.2)
+    engine_ = await make_engine("looker")
+
+    async def never() -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+    reply = await asyncio.wait_for(ask(engine_, "and this?", Attachment("slow.png", 1000, never, "image/png")), 10)
+
+    assert reply.startswith("_(I left out slow.png: I couldn't download it)_\n\n")
+    assert "echo: and this?" in reply and image_parts(openai_server.last) == []
 
 
 async def test_image_over_the_cap_in_fact_is_refused_whatever_was_declared(make_engine, openai_server):
