@@ -21,6 +21,7 @@ import base64
 import io
 import logging
 import re
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING
@@ -152,14 +153,26 @@ async def _read(file: Attachment, kind: str, limit: int, taken: bool) -> _Read:
         return _left_out(kind, name, FILE_TOO_BIG.format(name=name, size=_size(file.size), kind=what,
                                                          limit=_size(limit)))
     try:
-        data = await asyncio.wait_for(file.read(), DOWNLOAD_SECONDS)
+        data = await asyncio.wait_for(file.read(limit), DOWNLOAD_SECONDS)
     except Exception as exc:  # a stall, or whatever the platform's download raises: the reply goes on without it
         log.warning("could not download attachment %s: %s", name, exc)
         return _left_out(kind, name, NOT_DOWNLOADED.format(name=name))
-    if len(data) > limit:
-        return _left_out(kind, name, FILE_TOO_BIG.format(name=name, size=_size(len(data)), kind=what,
+    if len(data) > limit:  # declared smaller than it is, or not declared: the download stopped past the limit
+        return _left_out(kind, name, FILE_TOO_BIG.format(name=name, size=f"more than {_size(limit)}", kind=what,
                                                          limit=_size(limit)))
     return _image(name, data) if kind == "image" else _text(name, data)
+
+
+async def read_capped(chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """A body read until it ends or passes `limit`, whichever comes first: one byte past the limit is enough
+    to refuse it, so a stream that never ends, or a file far bigger than its platform declared, costs at most
+    `limit` of memory and only as much download as that."""
+    data = bytearray()
+    async for chunk in chunks:
+        data += chunk
+        if len(data) > limit:
+            return bytes(data[: limit + 1])
+    return bytes(data)
 
 
 def _image(name: str, data: bytes) -> _Read:

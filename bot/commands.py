@@ -328,9 +328,12 @@ FORMS = {"persona": _submit_persona}
          Arg("collection", "Collection (default: the persona's first); owners: global:NAME", "collection",
              required=False), admin=True)
 async def knowledge_add(engine: "Engine", incoming: Incoming, args: dict[str, Any]) -> Result:
+    from bot.retrieval.uploads import download  # the retriever is loaded already when knowledge is on
+
     file: Attachment = args["file"]
     engine.check_upload(incoming, file.name, file.size)  # before a byte is downloaded
-    return Reply(await engine.add_knowledge(incoming, file.name, await file.read(), args.get("collection")))
+    data = await download(file, engine.require_knowledge().max_upload_bytes)
+    return Reply(await engine.add_knowledge(incoming, file.name, data, args.get("collection")))
 
 
 @command("knowledge search", "What the active persona's documents say about something",

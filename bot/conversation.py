@@ -62,13 +62,15 @@ class Role(IntEnum):
 
 @dataclass(frozen=True)
 class Attachment:
-    """A file that came with a command or a message; `read()` downloads it, so a refusal on name or size costs
-    nothing. `size` and `content_type` are what the platform declared (0 and "" when it said nothing): hints
-    for which files to fetch, never trusted over the bytes."""
+    """A file that came with a command or a message; `read(limit)` downloads it, so a refusal on name or size
+    costs nothing. `size` and `content_type` are what the platform declared (0 and "" when it said nothing):
+    hints for which files to fetch, never trusted over the bytes. `read(limit)` stops one byte past `limit`
+    where it can (`attachments.read_capped`), so a file larger than declared, or declared as nothing, holds
+    at most the limit in memory; a caller treats more than `limit` bytes as too big."""
 
     name: str
     size: int
-    read: Callable[[], Awaitable[bytes]]
+    read: Callable[[int], Awaitable[bytes]]
     content_type: str = ""
 
 

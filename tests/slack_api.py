@@ -48,6 +48,8 @@ class FakeSlackApi:
         self.file_types: dict[str, str] = {}  # mimetype Slack reports, by file id (`share`)
         self.file_teams: dict[str, str] = {}  # the workspace a shared file belongs to: only its token fetches it
         self.downloads: list[str] = []
+        self.endless: set[str] = set()  # files whose body never ends (`share(..., endless=True)`)
+        self.bytes_sent: dict[str, int] = {}  # of each endless body, before the bot hung up
         self.download_tokens: list[str] = []  # the bearer token of every file download attempt, in order
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -244,18 +246,22 @@ class FakeSlackApi:
                 "team": {"id": grant["team"], "name": f"Team {grant['team']}"}, "enterprise": None,
                 "is_enterprise_install": False}
 
-    def share(self, file_id: str, name: str, data: bytes, *, mimetype: str = "", team: str = TEAM) -> dict[str, Any]:
-        """A file someone shared in `team`: what Slack puts in the message event's `files`."""
+    def share(self, file_id: str, name: str, data: bytes, *, mimetype: str = "", team: str = TEAM,
+              endless: bool = False) -> dict[str, Any]:
+        """A file someone shared in `team`: what Slack puts in the message event's `files`. An `endless` one
+        declares no size and its download repeats `data` for as long as the client keeps reading."""
         self.files[file_id] = (name, data)
         self.file_types[file_id] = mimetype
         self.file_teams[file_id] = team
+        if endless:
+            self.endless.add(file_id)
         return self.file_object(file_id)
 
     def file_object(self, file_id: str) -> dict[str, Any]:
         name, data = self.files[file_id]
         url = f"{self.url}files/{file_id}"
         return {"id": file_id, "name": name, "title": name, "mimetype": self.file_types.get(file_id, ""),
-                "size": len(data), "url_private": url, "url_private_download": f"{url}?download=1"}
+                "size": 0 if file_id in self.endless else len(data), "url_private": url, "url_private_download": f"{url}?download=1"}
 
     async def _file(self, request: web.Request) -> web.Response:
         """A file's bytes, to its workspace's bot token only; anything else gets Slack's sign-in page."""
@@ -266,7 +272,21 @@ class FakeSlackApi:
         if token not in self.tokens or (owner is not None and self.tokens[token] != owner):
             return web.Response(text="<html>sign in</html>", content_type="text/html")
         self.downloads.append(file_id)
+        if file_id in self.endless:
+            return await self._endless(request, file_id)
         return web.Response(body=self.files[file_id][1], content_type="application/octet-stream")
+
+    async def _endless(self, request: web.Request, file_id: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        self.bytes_sent[file_id] = 0
+        try:
+            while True:
+                await response.write(self.files[file_id][1])
+                self.bytes_sent[file_id] += len(self.files[file_id][1])
+        except (ConnectionResetError, asyncio.CancelledError):  # the bot hung up
+            pass
+        return response
 
 
 def _markdown(params: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from bot.platforms import discord_reply
 from bot.platforms.discord_bot import create_bot
 from bot.platforms.discord_reply import ReplyStream, conv_key
 from bot.render import open_fence
+from bot.retrieval import uploads
 from dpytest_harness import configure_dpytest
 from openai_server import OpenAIServer, Reply, openai_server  # noqa: F401  (fixture)
 
@@ -941,6 +942,25 @@ async def test_oversized_upload_is_refused_before_download(bot, engine, tmp_path
     answer = await slash(bot, "knowledge add", who="alice", file=dpy_backend.make_attachment(document))
 
     assert answer.answers[0].ephemeral and "the limit is" in answer.text and "Nothing was saved" in answer.text
+    assert engine.retriever.collections() == []
+
+
+@WITH_KNOWLEDGE
+async def test_an_upload_whose_download_stalls_is_given_up_and_nothing_saved(bot, engine, tmp_path, monkeypatch):
+    await make_admin(member("alice"))
+    monkeypatch.setattr(uploads, "DOWNLOAD_SECONDS", 0.2)
+    document = tmp_path / "handbook.md"
+    document.write_text("# Handbook\n\nBe kind to the on-call engineer.\n")
+
+    async def stalls(self, **_: object) -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+    monkeypatch.setattr(discord.Attachment, "read", stalls)
+    answer = await asyncio.wait_for(
+        slash(bot, "knowledge add", who="alice", file=dpy_backend.make_attachment(document)), 10)
+
+    assert answer.text == "Not done: handbook.md did not finish downloading in 0.2 s. Nothing was saved."
     assert engine.retriever.collections() == []
 
 

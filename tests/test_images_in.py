@@ -54,7 +54,7 @@ def animated_gif() -> bytes:
 
 def attached(name: str, data: bytes, content_type: str = "", *, size: int | None = None,
              reads: list[str] | None = None) -> Attachment:
-    async def read() -> bytes:
+    async def read(limit: int) -> bytes:  # the whole body whatever the limit, as discord.py's read() does
         if reads is not None:
             reads.append(name)
         return data
@@ -179,7 +179,7 @@ async def test_a_download_that_stalls_is_left_out_and_the_question_still_answere
     monkeypatch.setattr(attachments, "DOWNLOAD_SECONDS", 0.2)
     engine_ = await make_engine("looker")
 
-    async def never() -> bytes:
+    async def never(limit: int) -> bytes:
         await asyncio.Event().wait()
         return b""
 
@@ -194,7 +194,7 @@ async def test_image_over_the_cap_in_fact_is_refused_whatever_was_declared(make_
     big = png(128, 128, noise=True)  # about 49 KB of noise; declared as nothing
     reply = await ask(engine_, "and this?", attached("noise.png", big, size=0))
 
-    assert reply.startswith("_(I left out noise.png: it is 48 KB, and an image may be at most 10 KB)_")
+    assert reply.startswith("_(I left out noise.png: it is more than 10 KB, and an image may be at most 10 KB)_")
     assert image_parts(openai_server.last) == []
 
 
@@ -352,3 +352,16 @@ async def test_slack_file_of_another_workspace_is_not_read(slack, openai_server)
 
     assert api.downloads == [] and image_parts(openai_server.last) == []
     assert "I left out theirs.png: I couldn't download it" in api.thread_text("C1", "1700000002.000001")
+
+
+async def test_slack_file_that_declares_no_size_and_never_ends_is_cut_off_at_the_cap(slack, openai_server):
+    app, api = slack
+    shared = api.share("F7", "endless.png", b"\x89PNG" + b"\0" * 65532, mimetype="image/png", endless=True)
+    await app.event({"type": "app_mention", "user": "U1", "text": f"<@{BOT_USER}> look", "ts": "1700000003.000001",
+                     "channel": "C1", "event_ts": "1700000003.000001", "files": [shared]})
+    await api.wait_for(lambda: api.calls_to("chat.stopStream"))
+
+    assert api.thread_text("C1", "1700000003.000001").startswith(
+        "_(I left out endless.png: it is more than 5.0 MB, and an image may be at most 5.0 MB)_\n\necho: look")
+    assert image_parts(openai_server.last) == []
+    assert api.bytes_sent["F7"] < 16 * 1024 * 1024  # it stopped reading near the cap, not at the 30 s deadline

@@ -415,3 +415,40 @@ async def test_a_file_shared_in_one_workspace_is_found_there_and_not_in_another(
 
     assert "27 days of paid holiday" in found
     assert elsewhere == "Nothing in the knowledge base matches that."
+
+
+async def test_a_shared_file_larger_than_the_upload_limit_is_refused_mid_download(knowledge_rig):
+    rig = knowledge_rig
+    rig.api.files["F2"] = ("handbook.md", b"# Handbook\n" + b"Refunds take 5 days. " * 3000)
+    rig.api.endless.add("F2")  # declares no size, and its body never ends
+    await rig.slack.event({"type": "message", "subtype": "file_share", "channel_type": "im", "channel": "D1",
+                           "user": ADMIN1, "text": "", "ts": "1700000981.000001",
+                           "files": [{"id": "F2", "name": "handbook.md"}]}, team=T1)
+    refused = await rig.api.wait_for(lambda: rig.api.calls_to("chat.postMessage"))
+
+    limit = rig.engine.settings.knowledge_max_upload_mb * 1024 * 1024
+    assert refused[0].params["text"] == (
+        f"Not done: handbook.md is more than {limit / 1e6:.1f} MB, the limit. Nothing was saved.")
+    assert rig.api.bytes_sent["F2"] < limit + 8 * 1024 * 1024
+    assert await say(rig, "/knowledge", "search refunds", team=T1, user="U1") == (
+        "Nothing in the knowledge base matches that.")
+
+
+async def test_a_question_with_a_file_in_an_enabled_channel_is_answered_with_the_file_and_never_uploaded(
+        knowledge_rig):
+    rig = knowledge_rig
+    await say(rig, "/channel", "enable", team=T1, user=ADMIN1)
+    rig.api.files["F3"] = ("notes.txt", b"The codeword is FIG.")
+    rig.api.files["F4"] = ("dropped.md", b"# Dropped\nNot for the bot.")
+    share = {"type": "message", "subtype": "file_share", "channel_type": "channel", "channel": "C1", "user": ADMIN1}
+    await rig.slack.event({**share, "text": "", "ts": "1700000982.000001",
+                           "files": [{"id": "F4", "name": "dropped.md"}]}, team=T1)
+    await rig.slack.event({**share, "text": "add what does this say?", "ts": "1700000983.000001",
+                           "files": [{"id": "F3", "name": "notes.txt"}]}, team=T1)
+    await rig.api.wait_for(lambda: rig.api.calls_to("chat.stopStream"))
+
+    assert rig.model.requests[-1]["messages"][-1]["content"] == (
+        "add what does this say?\n\nnotes.txt:\n```\nThe codeword is FIG.\n```")
+    assert rig.api.downloads == ["F3"]  # the wordless drop was left alone
+    assert await say(rig, "/knowledge", "search codeword", team=T1, user="U1") == (
+        "Nothing in the knowledge base matches that.")

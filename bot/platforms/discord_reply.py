@@ -77,8 +77,10 @@ def make_incoming(engine: "Engine", user: discord.abc.User, channel: discord.abc
 
 
 def attachment(file: discord.Attachment) -> Attachment:
-    """A Discord attachment as the engine takes it; `read()` fetches it from the CDN only if the engine reads it."""
-    return Attachment(file.filename, file.size, file.read, file.content_type or "")
+    """A Discord attachment as the engine takes it, fetched from the CDN only if the engine reads it. Its size
+    is the one Discord measured when it stored the upload, which the engine checks against the limit before
+    the download, so discord.py's whole-body `read()` holds no more than that."""
+    return Attachment(file.filename, file.size, lambda limit: file.read(), file.content_type or "")
 
 
 # -- engine → Discord --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import commands
+from bot.attachments import read_capped
 from bot.conversation import Attachment, ConvKey, Incoming, Role
 from bot.platforms.slack_format import MESSAGE_LIMIT, from_slack, to_mrkdwn
 from bot.platforms.slack_reply import ChannelPacer, ThreadReply, persona_identity
@@ -186,13 +187,20 @@ class SlackBot:
         if _written_by_a_bot(event):
             return
         if event.get("channel_type") != "im":
-            # Only what people write: a file dropped in a busy channel is not an upload for the bot.
-            if event.get("subtype") not in (None, "thread_broadcast"):
+            subtype = event.get("subtype")
+            # A file with words is a question about it; a file dropped in a busy channel without a word is
+            # not for the bot, and is never an upload there (an upload is a DM or a mention).
+            words = event.get("text", "").strip()
+            if subtype not in (None, "thread_broadcast") and not (subtype == "file_share" and words):
                 return
+            if subtype == "file_share" and f"<@{context.get('bot_user_id')}>" in event.get("text", ""):
+                return  # a mention: app_mention answers it, as an upload if it asks for one
             key = ConvKey("slack", body.get("team_id") or event.get("team", ""), event.get("channel", ""))
             if not await self.engine.channel_enabled(key):
                 return
-        elif event.get("subtype") not in (None, "file_share", "thread_broadcast"):
+            await self.chat(event, body, client, context, uploads=False)
+            return
+        if event.get("subtype") not in (None, "file_share", "thread_broadcast"):
             return  # edits, deletions, joins: nothing to answer
         await self.chat(event, body, client, context)
 
@@ -223,7 +231,8 @@ class SlackBot:
             log.info("assistant thread status refused (%s); answering anyway", exc.response.get("error"))
         await self.chat(event, body, client, context)
 
-    async def chat(self, event: dict, body: dict, client: AsyncWebClient, context: dict) -> None:
+    async def chat(self, event: dict, body: dict, client: AsyncWebClient, context: dict, *,
+                   uploads: bool = True) -> None:
         if _written_by_a_bot(event):
             return
         channel, ts, user = event["channel"], event["ts"], event.get("user", "")
@@ -243,7 +252,7 @@ class SlackBot:
         identity = persona_identity(await self.engine.active_persona(incoming.key), self.engine.settings.public_url)
         # Images shared without words are something to look at, not documents for the knowledge base.
         wordless_upload = not incoming.text and not all(_is_image(shared) for shared in files)
-        if files and (wordless_upload or _UPLOAD_WORDS.match(incoming.text)):
+        if uploads and files and (wordless_upload or _UPLOAD_WORDS.match(incoming.text)):
             await self._add_files(client, files, incoming, thread, identity)
             return
         # Whatever else came with the message goes to the engine, which decides what to download.
@@ -271,7 +280,7 @@ class SlackBot:
                 reports.append(f"{name}: couldn't read it from Slack ({exc.response.get('error')}).")
                 continue
             file = Attachment(info.get("name") or name, info.get("size", 0),
-                              lambda info=info: self._download(client, info))
+                              lambda limit, info=info: self._download(client, info, limit))
             try:
                 result = await commands.run(self.engine, incoming, "knowledge add", {"file": file})
             except aiohttp.ClientError as exc:
@@ -285,23 +294,25 @@ class SlackBot:
     def _attachment(self, client: AsyncWebClient, shared: dict[str, Any]) -> Attachment:
         """A file from the event as the engine takes it: downloaded only if the engine reads it, with this
         workspace's bot token; files.info first only when the event left out its URL (Slack Connect files)."""
-        async def read() -> bytes:
+        async def read(limit: int) -> bytes:
             info = shared
             if not (info.get("url_private_download") or info.get("url_private")):
                 info = (await client.files_info(file=shared["id"]))["file"]
-            return await self._download(client, info)
+            return await self._download(client, info, limit)
 
         return Attachment(shared.get("name") or shared.get("title") or shared.get("id", "file"),
                           shared.get("size") or 0, read, shared.get("mimetype") or "")
 
-    async def _download(self, client: AsyncWebClient, info: dict[str, Any]) -> bytes:
+    async def _download(self, client: AsyncWebClient, info: dict[str, Any], limit: int) -> bytes:
+        """The file's bytes with this workspace's token, read no further than one byte past `limit`: a file's
+        `size` can be missing (Slack Connect, external files), so the body itself is capped."""
         url = info.get("url_private_download") or info["url_private"]
         headers = {"Authorization": f"Bearer {client.token}"}
         async with aiohttp.ClientSession(raise_for_status=True) as session:
             async with session.get(url, headers=headers) as response:
                 if response.content_type == "text/html":  # Slack's sign-in page: the token lacks files:read
                     raise aiohttp.ClientError("Slack answered with a sign-in page; does the app have files:read?")
-                return await response.read()
+                return await read_capped(response.content.iter_chunked(64 * 1024), limit)
 
 
 def _is_image(shared: dict[str, Any]) -> bool:

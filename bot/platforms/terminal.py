@@ -104,8 +104,14 @@ def attached_paths(line: str) -> tuple[str, list[Path]]:
 
 def _attachment(path: Path) -> Attachment:
     """A file on disk as the engine takes it; the terminal declares no type, so the suffix and bytes decide.
-    Read only once the engine has accepted the file's name and size, as on the other platforms."""
-    return Attachment(path.name, path.stat().st_size, lambda: asyncio.to_thread(path.read_bytes))
+    Read only once the engine has accepted the file's name and size, as on the other platforms, and no more
+    of it than the limit (a file that grew since, or /dev/zero, is refused as too big)."""
+    return Attachment(path.name, path.stat().st_size, lambda limit: asyncio.to_thread(_head, path, limit))
+
+
+def _head(path: Path, limit: int) -> bytes:
+    with path.open("rb") as file:
+        return file.read(limit + 1)
 
 
 async def _command(engine: Engine, incoming: Incoming, text: str, lines: asyncio.Queue[str], write) -> None:

@@ -5,14 +5,19 @@ Everything is decided from the bytes in memory; nothing touches the disk until e
 """
 from __future__ import annotations
 
+import asyncio
 import re
+import sys
 import unicodedata
 from pathlib import PurePath
 
 from bot.attachments import looks_like
+from bot.conversation import Attachment
 from bot.retrieval.parse import UnsupportedDocument, format_of, parse
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+# An upload is downloaded while its uploader waits for the report; one that stalls is given up, not waited on.
+DOWNLOAD_SECONDS = 120.0
 _NAME = re.compile(r"[^a-z0-9._-]+")
 _COLLECTION = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
@@ -60,6 +65,20 @@ def check_size(name: str, size: int, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
         raise UploadRefused(f"{name} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB. "
                             "Nothing was saved.")
+
+
+async def download(file: Attachment, max_bytes: int | None) -> bytes:
+    """The uploaded file's bytes, read no further than one byte past the limit (its declared size was checked
+    before, but a platform may declare none) and within DOWNLOAD_SECONDS."""
+    limit = sys.maxsize if max_bytes is None else max_bytes
+    try:
+        data = await asyncio.wait_for(file.read(limit), DOWNLOAD_SECONDS)
+    except TimeoutError:
+        raise UploadRefused(f"{file.name} did not finish downloading in {DOWNLOAD_SECONDS:g} s. "
+                            "Nothing was saved.") from None
+    if len(data) > limit:
+        raise UploadRefused(f"{file.name} is more than {limit / 1e6:.1f} MB, the limit. Nothing was saved.")
+    return data
 
 
 def check(filename: str, data: bytes, max_bytes: int | None = DEFAULT_MAX_BYTES) -> str:
