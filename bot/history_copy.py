@@ -30,6 +30,7 @@ SKIPPED = {
     "knowledge_meta": "the knowledge index re-syncs from its folders",
     "turns": "tickets of messages being answered right now",
     "turn_tickets": "tickets of messages being answered right now",
+    "slack_rotations": "claims on token exchanges happening right now",
 }
 BATCH = 10_000
 

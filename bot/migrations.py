@@ -388,3 +388,20 @@ def m008_turn_tickets(db: sqlite3.Connection) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@migration
+def m009_slack_rotations(db: sqlite3.Connection) -> None:
+    # Who is exchanging a workspace's expiring Slack bot token right now (bot/platforms/slack_installs.py): a
+    # row is claimed by the one caller that may spend the single-use refresh token, until `claimed_until`
+    # (ms), and deleted when the new token is saved.
+    db.execute(
+        """
+        CREATE TABLE slack_rotations (
+            enterprise_id TEXT NOT NULL,
+            team_id TEXT NOT NULL,
+            claimed_until INTEGER NOT NULL,
+            PRIMARY KEY (enterprise_id, team_id)
+        ) WITHOUT ROWID
+        """
+    )

@@ -60,6 +60,11 @@ class FakeSlackApi:
         # Valid bot tokens and the workspace each speaks for; OAuth installs add one per workspace.
         self.tokens: dict[str, str] = {BOT_TOKEN: TEAM}
         self._codes: dict[str, dict[str, str]] = {}  # OAuth codes not yet exchanged
+        # Token rotation (the app setting): installs get a refresh token and a token that expires in an hour,
+        # inside bolt's two-hour margin, so the next request must exchange it. Refresh tokens are single-use.
+        self.rotation = False
+        self.refresh_tokens: dict[str, str] = {}  # refresh token → its workspace, until used
+        self.exchanges: list[str] = []  # the workspace of every refresh-token exchange that succeeded
         self.redirect_url = ""  # where Slack's authorize page sends the installer when no redirect_uri is given
 
     async def start(self) -> "FakeSlackApi":
@@ -234,6 +239,8 @@ class FakeSlackApi:
             credentials = tuple(base64.b64decode(basic.removeprefix("Basic ")).decode().split(":", 1))
         if credentials != (CLIENT_ID, CLIENT_SECRET):
             return {"ok": False, "error": "invalid_client_id"}
+        if params.get("grant_type") == "refresh_token":
+            return self._refresh(params.get("refresh_token", ""))
         grant = self._codes.pop(params.get("code", ""), None)
         if grant is None:
             return {"ok": False, "error": "invalid_code"}
@@ -241,10 +248,30 @@ class FakeSlackApi:
             return {"ok": False, "error": "bad_redirect_uri"}
         token = f"xoxb-{grant['team']}-{next(self._ts)}"
         self.tokens[token] = grant["team"]
+        expiring = self._expiring(grant["team"], 3600) if self.rotation else {}
         return {"ok": True, "app_id": "A1", "authed_user": {"id": "UINSTALLER"}, "scope": grant["scope"],
                 "token_type": "bot", "access_token": token, "bot_user_id": BOT_USER,
                 "team": {"id": grant["team"], "name": f"Team {grant['team']}"}, "enterprise": None,
-                "is_enterprise_install": False}
+                "is_enterprise_install": False, **expiring}
+
+    def _expiring(self, team: str, seconds: int) -> dict[str, Any]:
+        refresh = f"xoxe-1-{team}-{next(self._ts)}"
+        self.refresh_tokens[refresh] = team
+        return {"refresh_token": refresh, "expires_in": seconds}
+
+    def _refresh(self, refresh_token: str) -> dict[str, Any]:
+        """oauth.v2.access with grant_type=refresh_token: a new token good for 12 hours and a new refresh token;
+        the used refresh token is spent, and (stricter than Slack, which lets it run out) the old token dies."""
+        team = self.refresh_tokens.pop(refresh_token, None)
+        if team is None:
+            return {"ok": False, "error": "invalid_refresh_token"}
+        self.exchanges.append(team)
+        self.tokens = {token: owner for token, owner in self.tokens.items() if owner != team}
+        token = f"xoxe.xoxb-{team}-{next(self._ts)}"
+        self.tokens[token] = team
+        return {"ok": True, "app_id": "A1", "token_type": "bot", "access_token": token, "scope": "chat:write",
+                "bot_user_id": BOT_USER, "team": {"id": team, "name": f"Team {team}"}, "enterprise": None,
+                "is_enterprise_install": False, **self._expiring(team, 43200)}
 
     def share(self, file_id: str, name: str, data: bytes, *, mimetype: str = "", team: str = TEAM,
               endless: bool = False) -> dict[str, Any]:

@@ -324,6 +324,58 @@ async def test_install_started_on_one_process_completes_on_another_once(config, 
             await rig.aclose()
 
 
+# -- token rotation: an expiring token is exchanged once, whoever asks -----------------------------------------
+
+
+async def test_with_token_rotation_an_expiring_token_is_exchanged_once_for_messages_arriving_together(rig):
+    rig.api.rotation = True
+    first = await install(rig, T1)
+    since = len(rig.api.calls)
+
+    asked = await asyncio.gather(*(mention(rig, T1, "C1", f"question {n}") for n in range(4)))
+
+    for n, ts in enumerate(asked):
+        assert await answered(rig, "C1", ts, f"question {n}")
+    assert rig.api.exchanges == [T1]  # one refresh token spent; a second exchange would have lost its message
+    bot = await SlackInstallations(rig.engine.history).async_find_bot(enterprise_id=None, team_id=T1)
+    assert bot.bot_token != first and rig.api.tokens[bot.bot_token] == T1
+    assert bot.bot_token_expires_at > time.time() + 11 * 3600
+    assert {c.token for c in workspace_calls(rig, since)} == {bot.bot_token}
+
+
+async def test_with_token_rotation_two_processes_exchange_an_expiring_token_once(config, api, openai_server):
+    api.rotation = True
+    first, second = serve(config, api, openai_server), serve(config, api, openai_server)
+    one, two = await anext(first), await anext(second)
+    try:
+        await install(one, T1)
+        asked = await asyncio.gather(mention(one, T1, "C1", "from one"), mention(two, T1, "C2", "from two"))
+
+        assert await answered(one, "C1", asked[0], "from one") and await answered(two, "C2", asked[1], "from two")
+        assert api.exchanges == [T1]
+    finally:
+        for rig in (first, second):
+            await rig.aclose()
+
+
+async def test_a_refused_token_exchange_says_to_reinstall_and_leaves_other_workspaces_answered(rig, caplog):
+    rig.api.rotation = True
+    await install(rig, T1)
+    await install(rig, T2)
+    rig.api.refresh_tokens = {r: team for r, team in rig.api.refresh_tokens.items() if team != T2}  # revoked
+
+    lost = await mention(rig, T2, "C2", "anyone there?")
+    assert await answered(rig, "C1", await mention(rig, T1, "C1"))
+
+    async def told_to_reinstall() -> bool:
+        return "could not be exchanged (invalid_refresh_token); reinstall the app in team T2" in caplog.text
+
+    await eventually(told_to_reinstall)
+
+    assert rig.api.thread_text("C2", lost) == ""
+    assert rig.api.exchanges == [T1]
+
+
 def test_half_the_client_credentials_or_socket_mode_is_a_clear_error(config):
     from bot.platforms.slack_http import SlackConfigError, slack_configured
 

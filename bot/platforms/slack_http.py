@@ -116,8 +116,8 @@ def _create_oauth_app(engine: "Engine", settings: Settings) -> PersonabotApp:
     if settings.slack_bot_token:
         log.info("Slack: SLACK_CLIENT_ID is set, so SLACK_BOT_TOKEN is not used; workspaces install via "
                  "/slack/install")
-    oauth = oauth_settings(settings, engine.history)
     client = _web_client(settings, token=None)  # each request's client gets its workspace's token
+    oauth = oauth_settings(settings, engine.history, client)
     app = PersonabotApp(
         settings,
         history=engine.history,

@@ -7,10 +7,17 @@ then finds each request's token by its team, so every listener's client speaks f
 came from. The stores are plain rows reached through the history store's `execute` / `fetch` (portable SQL,
 tables from migration m005), so every process serving the app shares them and a restart keeps them.
 
+With token rotation turned on in the app's settings, a bot token expires after 12 hours and is exchanged for a
+new one with a single-use refresh token. bolt would exchange it inside each request's authorize step, so two
+requests or processes at once would spend the same refresh token and one of them would lose its event. Here
+the store hands out only tokens that are good for a while: an expiring one is exchanged by whichever caller
+claims the workspace's row in `slack_rotations`, and everyone else waits for the saved result (`_fresh`).
+
 Tokens are secrets: nothing here logs a row, an installation or a bot.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -21,9 +28,12 @@ from urllib.parse import urljoin
 
 import yaml
 from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
+from slack_sdk.errors import SlackTokenRotationError
 from slack_sdk.oauth.installation_store import Bot, Installation
 from slack_sdk.oauth.installation_store.async_installation_store import AsyncInstallationStore
 from slack_sdk.oauth.state_store.async_state_store import AsyncOAuthStateStore
+from slack_sdk.oauth.token_rotation.async_rotator import AsyncTokenRotator
+from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import Settings
 
@@ -35,6 +45,10 @@ REDIRECT_PATH = "/slack/oauth_redirect"
 STATE_SECONDS = 600  # an installer has ten minutes between /slack/install and approving on Slack
 # The bot fields of an installation: kept only in slack_bots, so deleting the bot leaves no token behind.
 _BOT_FIELDS = ("bot_token", "bot_id", "bot_user_id", "bot_scopes", "bot_refresh_token", "bot_token_expires_at")
+# A token this close to expiring is exchanged before it is handed out: bolt's own margin, so that bolt, which
+# checks again after the store, always finds it fresh and never spends the refresh token a second time.
+ROTATE_MINUTES = 120
+CLAIM_SECONDS = 30  # how long one caller may take to exchange a token before another may try
 
 
 class Database(Protocol):
@@ -50,9 +64,10 @@ def manifest_scopes(path: Path = MANIFEST) -> list[str]:
     return list(yaml.safe_load(path.read_text())["oauth_config"]["scopes"]["bot"])
 
 
-def oauth_settings(settings: Settings, db: Database) -> AsyncOAuthSettings:
+def oauth_settings(settings: Settings, db: Database, client: AsyncWebClient) -> AsyncOAuthSettings:
     """bolt's OAuth settings for this deployment: stores in `db`, scopes from the manifest, and the redirect URL
-    under PERSONABOT_PUBLIC_URL when set (else Slack uses the one the app's settings list)."""
+    under PERSONABOT_PUBLIC_URL when set (else Slack uses the one the app's settings list). `client` (no token)
+    exchanges expiring tokens."""
     public = settings.public_url.rstrip("/") if settings.public_url else None
     api = settings.slack_api_url
     return AsyncOAuthSettings(
@@ -66,7 +81,8 @@ def oauth_settings(settings: Settings, db: Database) -> AsyncOAuthSettings:
         install_page_rendering_enabled=False,  # /slack/install redirects straight to Slack
         # Slack's authorize page sits beside its Web API (https://slack.com/api/ → https://slack.com/oauth/…).
         authorization_url=urljoin(api if api.endswith("/") else api + "/", "../oauth/v2/authorize") if api else None,
-        installation_store=SlackInstallations(db),
+        installation_store=SlackInstallations(db, AsyncTokenRotator(
+            client_id=settings.slack_client_id, client_secret=settings.slack_client_secret, client=client)),
         installation_store_bot_only=False,
         state_store=SlackOAuthStates(db),
         state_expiration_seconds=STATE_SECONDS,
@@ -88,8 +104,9 @@ class SlackInstallations(AsyncInstallationStore):
     installer (the newest wins). What bolt's authorize step and its tokens_revoked / app_uninstalled listeners
     call is all here."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, rotator: AsyncTokenRotator | None = None):
         self._db = db
+        self._rotator = rotator
 
     @property
     def logger(self) -> logging.Logger:
@@ -119,9 +136,58 @@ class SlackInstallations(AsyncInstallationStore):
 
     async def async_find_bot(self, *, enterprise_id: str | None, team_id: str | None,
                              is_enterprise_install: bool | None = False) -> Bot | None:
-        rows = await self._db.fetch("SELECT bot FROM slack_bots WHERE enterprise_id = ? AND team_id = ?",
-                                    _key(enterprise_id, team_id, is_enterprise_install))
+        key = _key(enterprise_id, team_id, is_enterprise_install)
+        bot = await self._bot(key)
+        return await self._fresh(key, bot) if bot is not None and self._expiring(bot) else bot
+
+    async def _bot(self, key: tuple) -> Bot | None:
+        rows = await self._db.fetch("SELECT bot FROM slack_bots WHERE enterprise_id = ? AND team_id = ?", key)
         return Bot(**json.loads(rows[0][0])) if rows else None
+
+    def _expiring(self, bot: Bot) -> bool:
+        return (self._rotator is not None and bot.bot_refresh_token is not None
+                and bot.bot_token_expires_at is not None
+                and bot.bot_token_expires_at <= time.time() + ROTATE_MINUTES * 60)
+
+    async def _fresh(self, key: tuple, bot: Bot) -> Bot | None:
+        """The workspace's bot with a token good for ROTATE_MINUTES more, exchanged once however many requests
+        and processes ask at the same moment: the one that claims the workspace's `slack_rotations` row
+        exchanges and saves it, the others re-read the saved bot until it is fresh. A claim lapses after
+        CLAIM_SECONDS, so a process killed mid-exchange holds up nobody for longer; a refused exchange (a
+        revoked refresh token) raises SlackTokenRotationError, and bolt then drops that request with a log line."""
+        assert self._rotator is not None
+        give_up = time.time() + CLAIM_SECONDS + 5
+        while True:
+            now = time.time()
+            claimed = await self._db.execute(
+                "INSERT INTO slack_rotations (enterprise_id, team_id, claimed_until) VALUES (?, ?, ?)"
+                " ON CONFLICT (enterprise_id, team_id) DO UPDATE SET claimed_until = excluded.claimed_until"
+                " WHERE slack_rotations.claimed_until <= ?", (*key, _millis(now + CLAIM_SECONDS), _millis(now)))
+            if claimed:
+                try:
+                    latest = await self._bot(key)  # exchanged by another caller just before this claim?
+                    if latest is None or not self._expiring(latest):
+                        return latest
+                    try:
+                        refreshed = await self._rotator.perform_bot_token_rotation(
+                            bot=latest, minutes_before_expiration=ROTATE_MINUTES)
+                    except SlackTokenRotationError as exc:
+                        log.error("Slack: the bot token of team %s could not be exchanged (%s); reinstall the app"
+                                  " in team %s from /slack/install", latest.team_id,
+                                  exc.api_error.response.get("error"), latest.team_id)
+                        raise
+                    if refreshed is None:
+                        return latest
+                    await self.async_save_bot(refreshed)
+                    log.info("Slack: exchanged the expiring bot token of team %s", latest.team_id)
+                    return refreshed
+                finally:
+                    await self._db.execute("DELETE FROM slack_rotations WHERE enterprise_id = ? AND team_id = ?",
+                                           key)
+            await asyncio.sleep(0.05)
+            latest = await self._bot(key)
+            if latest is None or not self._expiring(latest) or time.time() > give_up:
+                return latest
 
     async def async_find_installation(self, *, enterprise_id: str | None, team_id: str | None,
                                       user_id: str | None = None,
