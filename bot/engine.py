@@ -7,6 +7,7 @@ terminal, Discord and Slack answer the same history the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -65,6 +66,9 @@ class Engine:
         self.retriever = retriever
         self.personas = PersonaCatalog(personas, history)
         self._prefix_tokens = Recent(PREFIX_TOKENS_CACHED)
+        # Tokens promised to this process's replies still being written, by channel: a budget counts them as
+        # spent, or every thread of a channel asking at once would pass the same reading of today's spend.
+        self._promised: collections.Counter[tuple] = collections.Counter()
 
     @classmethod
     async def create(cls, settings: Settings, *, knowledge: bool = True) -> "Engine":
@@ -108,17 +112,24 @@ class Engine:
     async def _reply(self, incoming: Incoming, turn: Turn, use_history: bool) -> AsyncIterator[str]:
         key = incoming.key
         entry = await self.active_entry(key, turn)
-        budget = self.settings.daily_token_budget
-        if budget and (turn.spent_today or 0) >= budget:
+        spec, params = self._bounded(entry)
+        budget, channel = self.settings.daily_token_budget, key.channel_key
+        if budget and (turn.spent_today or 0) + self._promised[channel] >= budget:
             metrics.REPLIES.labels(key.platform, "over_budget").inc()
             yield BUDGET_NOTICE.format(budget=budget)
             return
-        spec, params = self._bounded(entry)
-        async with self.models.use(spec) as model, \
-                aclosing(self._answer(incoming, turn, entry.persona, model, params, use_history,
-                                     sees_images(spec, self.settings))) as pieces:
-            async for piece in pieces:
-                yield piece
+        promise = params.max_tokens if budget else 0  # until its real spend is stored, with the reply
+        self._promised[channel] += promise
+        try:
+            async with self.models.use(spec) as model, \
+                    aclosing(self._answer(incoming, turn, entry.persona, model, params, use_history,
+                                         sees_images(spec, self.settings))) as pieces:
+                async for piece in pieces:
+                    yield piece
+        finally:
+            self._promised[channel] -= promise
+            if self._promised[channel] <= 0:
+                del self._promised[channel]
 
     async def _answer(self, incoming: Incoming, turn: Turn, persona: Persona, model: ChatModel, params: GenParams,
                       use_history: bool, vision: bool = False) -> AsyncIterator[str]:

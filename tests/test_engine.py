@@ -272,6 +272,25 @@ async def test_daily_token_budget_stops_model_calls_politely(tmp_path, openai_se
         await engine.close()
 
 
+async def test_daily_budget_holds_when_many_threads_of_a_channel_ask_at_once(tmp_path, openai_server):
+    # Each reply spends 300 tokens; a budget of 1,000 while 12 threads ask at the same moment: each question was
+    # let through by a spend read before any of the others had finished, so all 12 answered (3,600 tokens).
+    engine = await Engine.create(make_settings(tmp_path, openai_server, PERSONABOT_DAILY_TOKEN_BUDGET=1000,
+                                               PERSONABOT_MAX_REPLY_TOKENS=300), knowledge=False)
+    openai_server.reply_with(lambda messages: Reply(text="an answer", delay=0.3,
+                                                    usage={"prompt_tokens": 200, "completion_tokens": 100}))
+    try:
+        threads = [said(f"question {n}", CHANNEL._replace(thread=f"t{n}")) for n in range(12)]
+        answers = await asyncio.gather(*(answer(engine, incoming) for incoming in threads))
+
+        answered = [a for a in answers if a == "an answer"]
+        assert len(answered) + answers.count(BUDGET_NOTICE.format(budget=1000)) == 12
+        assert 300 * len(answered) <= 1000 + 300  # at most one reply past the budget, not every one in flight
+        assert await engine.history.tokens_today(CHANNEL) == 300 * len(answered)
+    finally:
+        await engine.close()
+
+
 async def test_reset_needs_an_admin_in_a_shared_channel_but_not_in_a_dm(engine, openai_server):
     await answer(engine, said("old context"))
     with pytest.raises(NotAdmin):
