@@ -427,8 +427,7 @@ async def test_a_shared_file_larger_than_the_upload_limit_is_refused_mid_downloa
     refused = await rig.api.wait_for(lambda: rig.api.calls_to("chat.postMessage"))
 
     limit = rig.engine.settings.knowledge_max_upload_mb * 1024 * 1024
-    assert refused[0].params["text"] == (
-        f"Not done: handbook.md is more than {limit / 1e6:.1f} MB, the limit. Nothing was saved.")
+    assert refused[0].params["text"] == "Not done: handbook.md is more than 10.0 MB, the limit. Nothing was saved."
     assert rig.api.bytes_sent["F2"] < limit + 8 * 1024 * 1024
     assert await say(rig, "/knowledge", "search refunds", team=T1, user="U1") == (
         "Nothing in the knowledge base matches that.")

@@ -15,7 +15,8 @@ from bot.attachments import looks_like
 from bot.conversation import Attachment
 from bot.retrieval.parse import UnsupportedDocument, format_of, parse
 
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+MB = 1024 * 1024  # as PERSONABOT_KNOWLEDGE_MAX_UPLOAD_MB counts them: a limit of 10 reads as 10.0 MB
+DEFAULT_MAX_BYTES = 10 * MB
 # An upload is downloaded while its uploader waits for the report; one that stalls is given up, not waited on.
 DOWNLOAD_SECONDS = 120.0
 _NAME = re.compile(r"[^a-z0-9._-]+")
@@ -63,7 +64,7 @@ def check_same_name(given: str, source: str, existing: str) -> None:
 
 def check_size(name: str, size: int, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
-        raise UploadRefused(f"{name} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB. "
+        raise UploadRefused(f"{name} is {size / MB:.1f} MB; the limit is {max_bytes / MB:.1f} MB. "
                             "Nothing was saved.")
 
 
@@ -77,7 +78,7 @@ async def download(file: Attachment, max_bytes: int | None) -> bytes:
         raise UploadRefused(f"{file.name} did not finish downloading in {DOWNLOAD_SECONDS:g} s. "
                             "Nothing was saved.") from None
     if len(data) > limit:
-        raise UploadRefused(f"{file.name} is more than {limit / 1e6:.1f} MB, the limit. Nothing was saved.")
+        raise UploadRefused(f"{file.name} is more than {limit / MB:.1f} MB, the limit. Nothing was saved.")
     return data
 
 
