@@ -34,8 +34,8 @@ ENV PERSONABOT_DATA_DIR=/data \
     PORT=8000
 
 EXPOSE 8000
-# /healthz is served with Slack (HTTP or Socket Mode) on $PORT; a Discord-only process serves no HTTP, so its
-# service turns this check off (docker-compose.yml).
+# /healthz is served with Slack (HTTP or Socket Mode) on $PORT; a Discord-only process serves it only when
+# PERSONABOT_PUBLIC_URL is set (for avatars), so its service turns this check off (docker-compose.yml).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"
 

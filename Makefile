@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 $(BIN)/personabot: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch pinned; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes its CPU build instead of
+	# PyPI's multi-GB CUDA one (the Dockerfile does that; this project's machines have the CPU build on disk).
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
