@@ -26,6 +26,8 @@ engine searches them. Within one run every mode reuses each question's embedding
     python bench/retrieval.py --corpus postgres --tune --skip-latency
     python bench/retrieval.py --corpus all --skip-latency --rerank PATH   # plus hybrid re-ranked by a CrossEncoder
     python bench/retrieval.py --corpus all --skip-latency --baseline      # plus MiniLM over plain 1000-char pieces
+    python bench/retrieval.py --corpus all --skip-latency --tune --lm-reader data/models/smollm2
+                                      # plus a small language model re-ordering the top documents (lm_readers.py)
 """
 from __future__ import annotations
 
@@ -221,7 +223,7 @@ def naive_baseline(embedder: Embedder, name: str, paths: list[Path], questions: 
 
 
 async def corpus_quality(embedder: Embedder, name: str, part: str, rerank: str | None = None,
-                         baseline: bool = False) -> dict:
+                         baseline: bool = False, lm_readers: list[str] = ()) -> dict:
     started = time.perf_counter()
     spec = json.loads((CORPORA / f"{name}.json").read_text())
     root = Path(spec["root"])
@@ -262,6 +264,12 @@ async def corpus_quality(embedder: Embedder, name: str, part: str, rerank: str |
                 total[key] = total.get(key, 0.0) + value
         label = {"lexical": "bm25"}.get(mode, mode) + ("-rrf" if mode == "hybrid" and fusion != default else "")
         table[label + ("+rerank" if reranker else "")] = {k: v / len(questions) for k, v in total.items()}
+    retriever.fusion, retriever.reranker = default, None
+    for folder in lm_readers:  # document level only: they re-order documents, not passages
+        from lm_readers import rows  # beside this file; loads transformers only when asked
+
+        for label, row in (await rows(retriever, name, questions, folder, scores)).items():
+            table[label] = row | {f"p.{k}": float("nan") for k in row}
     followups = await followup_quality(retriever, name, spec.get("followups", []))
     await retriever.close()
     ranked = time.perf_counter()
@@ -272,9 +280,10 @@ async def corpus_quality(embedder: Embedder, name: str, part: str, rerank: str |
           f"{len(variants)} modes in {ranked - indexed:.1f} s"
           + (f", naive baseline in {time.perf_counter() - ranked:.1f} s" if baseline else ""))
     keys = list(next(iter(table.values())))
-    print(f"{'mode':<10} " + " ".join(f"{k:>9}" for k in keys) + "   (p.: passage level)")
+    width = max(10, *map(len, table))
+    print(f"{'mode':<{width}} " + " ".join(f"{k:>9}" for k in keys) + "   (p.: passage level)")
     for mode, row in table.items():
-        print(f"{mode:<10} " + " ".join(f"{row[k]:>9.3f}" for k in keys))
+        print(f"{mode:<{width}} " + " ".join(f"{row[k]:>9.3f}" for k in keys))
     if followups:
         print(f"follow-ups ({len(spec['followups'])}, all: nothing is tuned on them), hybrid, document level:")
         for label, row in followups.items():
@@ -365,6 +374,9 @@ def main() -> None:
                         "1000-character pieces, exact cosine (embeds each corpus once more, then cached)")
     parser.add_argument("--rerank", metavar="MODEL", help="also hybrid re-ranked by this sentence-transformers "
                         "CrossEncoder (a model dir or hub id), as PERSONABOT_RERANK_MODEL does")
+    parser.add_argument("--lm-reader", metavar="MODEL_DIR", action="append", default=[],
+                        help="also this causal language model re-ordering the top documents by query likelihood, "
+                        "and HyDE with its answers (bench/lm_readers.py; 2-6 s of CPU a question); repeatable")
     args = parser.parse_args()
     if args.write_questions:
         write_questions()
@@ -375,7 +387,8 @@ def main() -> None:
         asyncio.run(quality(embedder, args.max_chars))
     elif not args.skip_quality:
         for name in ("postgres", "git") if args.corpus == "all" else (args.corpus,):
-            asyncio.run(corpus_quality(embedder, name, "tune" if args.tune else "report", args.rerank, args.baseline))
+            asyncio.run(corpus_quality(embedder, name, "tune" if args.tune else "report", args.rerank, args.baseline,
+                                       args.lm_reader))
     if not args.skip_latency:
         asyncio.run(latency(embedder, [int(s) for s in args.sizes.split(",")], args.queries))
 
