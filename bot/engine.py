@@ -119,7 +119,8 @@ class Engine:
             yield BUDGET_NOTICE.format(budget=budget)
             return
         promise = params.max_tokens if budget else 0  # until its real spend is stored, with the reply
-        self._promised[channel] += promise
+        if promise:
+            self._promised[channel] += promise
         try:
             async with self.models.use(spec) as model, \
                     aclosing(self._answer(incoming, turn, entry.persona, model, params, use_history,
@@ -127,9 +128,10 @@ class Engine:
                 async for piece in pieces:
                     yield piece
         finally:
-            self._promised[channel] -= promise
-            if self._promised[channel] <= 0:
-                del self._promised[channel]
+            if promise:
+                self._promised[channel] -= promise
+                if self._promised[channel] <= 0:
+                    del self._promised[channel]
 
     async def _answer(self, incoming: Incoming, turn: Turn, persona: Persona, model: ChatModel, params: GenParams,
                       use_history: bool, vision: bool = False) -> AsyncIterator[str]:

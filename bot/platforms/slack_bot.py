@@ -190,10 +190,10 @@ class SlackBot:
             subtype = event.get("subtype")
             # A file with words is a question about it; a file dropped in a busy channel without a word is
             # not for the bot, and is never an upload there (an upload is a DM or a mention).
-            words = event.get("text", "").strip()
-            if subtype not in (None, "thread_broadcast") and not (subtype == "file_share" and words):
+            text = event.get("text", "")
+            if subtype not in (None, "thread_broadcast") and not (subtype == "file_share" and text.strip()):
                 return
-            if subtype == "file_share" and f"<@{context.get('bot_user_id')}>" in event.get("text", ""):
+            if subtype == "file_share" and f"<@{context.get('bot_user_id')}>" in text:
                 return  # a mention: app_mention answers it, as an upload if it asks for one
             key = ConvKey("slack", body.get("team_id") or event.get("team", ""), event.get("channel", ""))
             if not await self.engine.channel_enabled(key):
